@@ -1,0 +1,108 @@
+"""`python -m pipeline <command> [key=value ...]`.
+
+Hydra has no subcommands, so the command word is taken off here and passed on as the override
+`command=<word>`. Before Hydra (and TensorFlow) start, the overrides are composed and validated
+once, so a mistake costs a fraction of a second and prints one line (exit code 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+USAGE = """usage: python -m pipeline <command> [key=value ...] [hydra options]
+
+commands:
+  train      data -> model -> fit -> evaluate -> export (finished stages are skipped)
+  data       prepare and cache the data of a run
+  fit        train an existing run further (resumes from its latest checkpoint)
+  evaluate   score a checkpoint of an existing run on the test set
+  export     export an existing run (SavedModel, .keras, .h5, .tflite)
+  status     list runs and their stages (status [run.name=NAME] [--json])
+
+examples:
+  python -m pipeline train
+  python -m pipeline train model=mlp fit.epochs=3 data.train_size=2000 seed=7
+  python -m pipeline train experiment=tutorial
+  python -m pipeline evaluate run.name=default evaluate.checkpoint=best
+  python -m pipeline train --help        (Hydra's help: config groups and options)
+"""
+STAGE_COMMANDS = ("fit", "evaluate", "export")
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    return [a for a in args if "=" in a and not a.startswith("-")]
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """Every combination a multirun would launch (so each one is validated up front)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    return [list(combo) for combo in itertools.product(*choices)]
+
+
+def precheck(command: str, args: list[str]) -> None:
+    """Compose and validate the config of every job this command line would run."""
+    from pipeline.configcheck import compose_and_check
+
+    overrides = overrides_of(args)
+    multirun = "-m" in args or "--multirun" in args
+    combos = expand_sweeps(overrides) if multirun else [overrides]
+    for combo in combos[:256]:
+        run_dir = compose_and_check([f"command={command}", *combo])
+        if command in STAGE_COMMANDS and not multirun and not (run_dir / "run.json").exists():
+            fail(f"no run at {run_dir}. Start it with: python -m pipeline train "
+                 f"{' '.join(combo)}".rstrip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    if command == "status":
+        from pipeline.status import main as status_main
+
+        sys.exit(status_main(rest))
+    from pipeline.config import COMMANDS
+
+    if command not in COMMANDS:
+        fail(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}, status. "
+             "Example: python -m pipeline train fit.epochs=3")
+    from pipeline.errors import PipelineError
+
+    help_only = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in rest)
+    try:
+        if not help_only:
+            precheck(command, rest)
+    except PipelineError as exc:
+        fail(str(exc), exc.exit_code)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.argv = [str(Path(sys.argv[0]).with_name("pipeline")), f"command={command}", *rest]
+    from pipeline.cli import hydra_main
+
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        fail("interrupted at once; the last committed checkpoint is kept. Run the same "
+             "command again to resume.", 130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The Hydra entry point: one validated Config in, stages run in order on one locked run dir."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from pipeline import durable, rundir
+from pipeline.config import Config, as_dict, identity, to_config, validate
+from pipeline.errors import Interrupted, PipelineError
+
+log = logging.getLogger("pipeline")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The stages each command runs, in order; finished ones are skipped.
+PLAN = {
+    "train": ("data", "model", "fit", "evaluate", "export"),
+    "data": ("data",),
+    "fit": ("data", "model", "fit"),
+    "evaluate": ("data", "evaluate"),
+    "export": ("data", "export"),
+}
+
+
+class StopFlag:
+    """Set by the first SIGINT/SIGTERM; fit checks it after every step. A second signal ends
+    the process at once (the last committed checkpoint is still there)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal_name is not None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: finishing this step and saving a checkpoint "
+              "(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def write_session(run_dir: Path, state: str, **extra: Any) -> None:
+    durable.write_record(run_dir / "session.json", {"state": state, "time": time.time(), **extra})
+
+
+class Stages:
+    """Runs the stages of one command on one run directory, passing plain values along."""
+
+    def __init__(self, cfg: Config, run_dir: Path, should_stop: Callable[[], bool]) -> None:
+        self.cfg, self.run_dir, self.should_stop = cfg, run_dir, should_stop
+        self.prepared: Any = None
+
+    def data(self) -> None:
+        from pipeline.data import prepare
+
+        d = self.cfg.data
+        done = rundir.stage_record(self.run_dir, "data")
+        self.prepared = prepare(d.name, d.path, d.train_size, d.test_size, d.val_size,
+                                d.normalize, self.run_dir / "data")
+        if done is None or done["fingerprint"] != self.prepared.fingerprint:
+            rundir.finish_stage(self.run_dir, "data", {"fingerprint": self.prepared.fingerprint,
+                                                       "source": self.prepared.source})
+
+    def model(self) -> None:
+        if rundir.stage_record(self.run_dir, "model"):
+            return
+        from pipeline.model import build_model, summary_text
+
+        model = build_model(self.cfg.model)
+        durable.write_bytes(self.run_dir / "model_summary.txt", summary_text(model).encode())
+        rundir.finish_stage(self.run_dir, "model", {"parameters": model.count_params()})
+
+    def fit(self) -> None:
+        done = rundir.stage_record(self.run_dir, "fit")
+        if done and done["epochs"] >= self.cfg.fit.epochs:
+            log.info("fit: done (%d epochs, step %d); skipped", done["epochs"],
+                     done["global_step"])
+            return
+        from pipeline.fit import run_fit
+
+        c = self.cfg
+        started = time.monotonic()
+        summary = run_fit(c.model, c.optimizer, c.fit, c.checkpoint, c.seed, self.prepared,
+                          self.run_dir, self.should_stop)
+        rundir.finish_stage(self.run_dir, "fit", {
+            "epochs": c.fit.epochs, "global_step": summary["global_step"],
+            "seconds_this_session": time.monotonic() - started, **summary})
+
+    def evaluate(self) -> None:
+        from pipeline.evaluate import choose_checkpoint, run_evaluate
+
+        which = self.cfg.evaluate.checkpoint
+        ckpt = choose_checkpoint(self.run_dir / "checkpoints", which)
+        done = rundir.stage_record(self.run_dir, "evaluate")
+        if done and done["checkpoint_step"] == ckpt.step and done["checkpoint"] == which:
+            log.info("evaluate: done (step %d, test accuracy %.2f%%); skipped", ckpt.step,
+                     100 * done["test_accuracy"])
+            return
+        metrics = run_evaluate(self.cfg.model, self.prepared, ckpt, self.run_dir, which)
+        rundir.finish_stage(self.run_dir, "evaluate", metrics)
+
+    def export(self) -> None:
+        from pipeline.evaluate import choose_checkpoint
+        from pipeline.export import run_export
+
+        ckpt = choose_checkpoint(self.run_dir / "checkpoints", self.cfg.evaluate.checkpoint)
+        metrics = rundir.stage_record(self.run_dir, "evaluate")
+        if metrics and metrics["checkpoint_step"] != ckpt.step:
+            metrics = None
+        result = run_export(self.cfg, self.prepared, ckpt, self.run_dir, metrics)
+        if not result.get("skipped"):
+            rundir.finish_stage(self.run_dir, "export", result)
+
+
+def run_command(cfg: Config, run_dir: Path, should_stop: Callable[[], bool]) -> None:
+    with rundir.RunLock(run_dir):
+        removed = durable.remove_temps(run_dir)
+        if removed:
+            log.info("Removed %d temporary file(s) left by an interrupted write", len(removed))
+        if cfg.run.restart:
+            log.info("run.restart=true: discarding the previous state of %s", run_dir)
+            rundir.restart(run_dir)
+        rundir.check_identity(run_dir, identity(cfg), as_dict(cfg))
+        write_session(run_dir, "running", command=cfg.command)
+        log.info("Run directory: %s", run_dir)
+        stages = Stages(cfg, run_dir, should_stop)
+        try:
+            for stage in PLAN[cfg.command]:
+                getattr(stages, stage)()
+        except Interrupted as exc:
+            write_session(run_dir, "interrupted", command=cfg.command, message=str(exc))
+            raise
+        except PipelineError as exc:
+            write_session(run_dir, "failed", command=cfg.command, message=str(exc))
+            raise
+        write_session(run_dir, "done" if cfg.command == "train" else "stage-done",
+                      command=cfg.command)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def hydra_main(dict_cfg: DictConfig) -> None:
+    cfg = to_config(dict_cfg)
+    validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    stop = StopFlag()
+    stop.install()
+    try:
+        run_command(cfg, run_dir, stop)
+    except PipelineError as exc:
+        log.debug("failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,243 @@
+"""The typed configuration schema, and the one place that validates a composed config.
+
+Hydra composes YAML from `conf/` on top of these dataclasses (registered in Hydra's ConfigStore),
+so an unknown key or a wrong type already fails during composition. `validate` adds the range
+checks a type cannot express. Nothing here imports TensorFlow: a bad override must fail fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from pipeline.errors import ConfigError
+
+COMMANDS = ("train", "data", "fit", "evaluate", "export")
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # None: derived from the command-line overrides (see README)
+    restart: bool = False
+    outputs: str = "outputs"
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # mnist | fashion_mnist | sample
+    path: str | None = None  # a Keras-layout .npz, or a directory of IDX files
+    train_size: int | None = None  # first N training images; None: all
+    test_size: int | None = None  # first N test images; None: all
+    val_size: int = 5000  # held out from the end of the training slice; 0: no validation
+    normalize: str = "scale"  # scale (x/255) | standardize ((x/255 - mean) / std)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # mlp | cnn
+    hidden_units: int = 512
+    dropout: float = 0.2
+    filters: list[int] = field(default_factory=lambda: [32, 64])
+    dense_units: int = 128
+    batch_norm: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam | sgd
+    learning_rate: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    schedule: str = "constant"  # constant | cosine | onecycle
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    log_every_steps: int = 50
+    early_stopping_patience: int = 0  # epochs without improvement; 0: off
+    augment: bool = False  # random shifts of up to 2 pixels
+    steps_per_call: int = 1  # training steps run inside one compiled call
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # 0: off
+    every_seconds: float = 0.0  # 0: off
+    keep: int = 3
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = "latest"  # latest | best
+
+
+@dataclass
+class ExportConfig:
+    model_name: str = "mnist"
+    min_accuracy: float | None = None  # refuse to publish below this test accuracy
+    tflite: bool = True
+    h5: bool = True
+
+
+@dataclass
+class Config:
+    command: str = "train"
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# Keys a user may change on an existing run without starting a new one: they do not change what
+# has been trained so far. Everything else is the run's identity (see `identity`).
+COMPATIBLE_KEYS = (
+    "command",
+    "run",
+    "data.path",
+    "fit.epochs",
+    "fit.log_every_steps",
+    "fit.early_stopping_patience",
+    "fit.steps_per_call",
+    "checkpoint",
+    "evaluate",
+    "export",
+)
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
+
+
+def run_name(explicit: str | None, override_dirname: str) -> str:
+    """The run directory name: `run.name` if given, else the identity overrides, else `default`.
+
+    The same command line always maps to the same directory, which is what makes a rerun resume.
+    """
+    name = explicit if explicit else (override_dirname or "default")
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", str(name))
+    if len(name) > 120:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+        name = f"{name[:100]}-{digest}"
+    return name
+
+
+def _check(errors: list[str], ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        errors.append(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types cannot express. Raises ConfigError naming the key."""
+    e: list[str] = []
+    _check(e, cfg.command in COMMANDS, "command", cfg.command, f"one of {', '.join(COMMANDS)}")
+    _check(e, cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    d = cfg.data
+    _check(e, d.name in ("mnist", "fashion_mnist", "sample"), "data.name", d.name,
+           "mnist, fashion_mnist or sample (choose with data=...)")
+    _check(e, d.train_size is None or d.train_size >= 1, "data.train_size", d.train_size,
+           "an integer >= 1, or null for all")
+    _check(e, d.test_size is None or d.test_size >= 1, "data.test_size", d.test_size,
+           "an integer >= 1, or null for all")
+    _check(e, d.val_size >= 0, "data.val_size", d.val_size, "an integer >= 0")
+    _check(e, d.train_size is None or d.val_size < d.train_size, "data.val_size", d.val_size,
+           f"must be smaller than data.train_size ({d.train_size})")
+    _check(e, d.normalize in ("scale", "standardize"), "data.normalize", d.normalize,
+           "scale or standardize")
+    m = cfg.model
+    _check(e, m.name in ("mlp", "cnn"), "model.name", m.name, "mlp or cnn (choose with model=...)")
+    _check(e, m.hidden_units >= 1, "model.hidden_units", m.hidden_units, "an integer >= 1")
+    _check(e, 0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")
+    _check(e, len(m.filters) >= 1 and all(f >= 1 for f in m.filters), "model.filters",
+           list(m.filters), "a non-empty list of integers >= 1")
+    _check(e, m.dense_units >= 1, "model.dense_units", m.dense_units, "an integer >= 1")
+    o = cfg.optimizer
+    _check(e, o.name in ("adam", "sgd"), "optimizer.name", o.name, "adam or sgd")
+    _check(e, o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
+    _check(e, 0.0 <= o.momentum < 1.0, "optimizer.momentum", o.momentum, "a number in [0, 1)")
+    _check(e, o.schedule in ("constant", "cosine", "onecycle"), "optimizer.schedule",
+           o.schedule, "constant, cosine or onecycle")
+    _check(e, o.warmup_epochs >= 0, "optimizer.warmup_epochs", o.warmup_epochs, "a number >= 0")
+    f = cfg.fit
+    _check(e, f.epochs >= 1, "fit.epochs", f.epochs, "an integer >= 1")
+    _check(e, f.batch_size >= 1, "fit.batch_size", f.batch_size, "an integer >= 1")
+    _check(e, f.log_every_steps >= 1, "fit.log_every_steps", f.log_every_steps, "an integer >= 1")
+    _check(e, f.early_stopping_patience >= 0, "fit.early_stopping_patience",
+           f.early_stopping_patience, "an integer >= 0 (0 turns it off)")
+    _check(e, f.steps_per_call >= 1, "fit.steps_per_call", f.steps_per_call, "an integer >= 1")
+    c = cfg.checkpoint
+    _check(e, c.every_steps >= 0, "checkpoint.every_steps", c.every_steps,
+           "an integer >= 0 (0 turns step checkpoints off)")
+    _check(e, c.every_seconds >= 0, "checkpoint.every_seconds", c.every_seconds,
+           "a number >= 0 (0 turns timed checkpoints off)")
+    _check(e, c.keep >= 1, "checkpoint.keep", c.keep, "an integer >= 1")
+    _check(e, cfg.evaluate.checkpoint in ("latest", "best"), "evaluate.checkpoint",
+           cfg.evaluate.checkpoint, "latest or best")
+    x = cfg.export
+    _check(e, bool(re.fullmatch(r"[A-Za-z0-9_.-]+", x.model_name)), "export.model_name",
+           x.model_name, "letters, digits, '.', '_' or '-'")
+    _check(e, x.min_accuracy is None or 0.0 <= x.min_accuracy <= 1.0, "export.min_accuracy",
+           x.min_accuracy, "a number in [0, 1], or null for off")
+    if e:
+        raise ConfigError(e[0])
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn Hydra's composed DictConfig (without its `hydra` node) into the typed Config."""
+    if "hydra" in cfg:
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+    unknown = sorted(set(cfg.keys()) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a config key. See: python -m pipeline train "
+                          "--cfg job")
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def identity(cfg: Config) -> dict[str, Any]:
+    """The part of the config that defines what a run trains; it must not change on resume."""
+    flat = _flatten(as_dict(cfg))
+    return {
+        key: value
+        for key, value in flat.items()
+        if not any(key == k or key.startswith(k + ".") for k in COMPATIBLE_KEYS)
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+register_schema()
+_register_resolvers()

@@ -1,0 +1,278 @@
+"""The data stage: load MNIST-like images, check them, slice, hold out validation, cache per run.
+
+Sources, in order: `data.path` (a Keras-layout .npz, or a directory of IDX files, gzipped or
+not); else Keras' own cache/download; else, when offline, the real-MNIST sample shipped in this
+package, with a loud warning. The prepared arrays stay uint8 on disk and in memory until
+`features` turns a batch source into model input, so no float64 copy of the dataset ever exists.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import durable
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PATH = Path(__file__).parent / "sample" / "mnist_sample.npz"
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+# What each model takes as input; the data stage reshapes to this, the model is built for it.
+INPUT_SHAPES = {"mlp": (784,), "cnn": (28, 28, 1)}
+SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+class DataError(PipelineError):
+    pass
+
+
+@dataclass
+class Prepared:
+    """The sliced uint8 arrays of one run, and how to normalize them."""
+
+    arrays: dict[str, np.ndarray]
+    mean: float
+    std: float
+    fingerprint: str
+    source: str
+
+
+# ---------------------------------------------------------------- reading sources
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in IDX_FILES if k not in npz.files]
+            if missing:
+                raise DataError(f"{path} is not a Keras-layout MNIST file: keys {missing} are "
+                                f"missing (it has {sorted(npz.files)}); expected x_train, "
+                                "y_train, x_test, y_test")
+            return {k: npz[k] for k in IDX_FILES}
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path} cannot be read as .npz ({exc}); is it truncated? "
+                        "Download it again or point data.path at a good copy") from exc
+
+
+def _open_idx(directory: Path, stem: str) -> tuple[Path, bytes]:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
+                 stem.replace("-idx", ".idx") + ".gz"):
+        path = directory / name
+        if path.is_file():
+            raw = path.read_bytes()
+            if name.endswith(".gz"):
+                try:
+                    raw = gzip.decompress(raw)
+                except (OSError, EOFError) as exc:
+                    raise DataError(f"{path} is not a valid gzip file ({exc}); "
+                                    "download it again") from exc
+            return path, raw
+    raise DataError(f"{directory} has no {stem} or {stem}.gz; an IDX directory needs "
+                    f"{', '.join(IDX_FILES.values())} (optionally .gz)")
+
+
+def parse_idx(raw: bytes, path: Path, dims: int) -> np.ndarray:
+    """Parse one IDX file of unsigned bytes with `dims` dimensions, checking its header."""
+    if len(raw) < 4 + 4 * dims:
+        raise DataError(f"{path} is too short for an IDX header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != 0x800 + dims:
+        raise DataError(f"{path} has a bad IDX magic number 0x{magic:08x}; expected "
+                        f"0x{0x800 + dims:08x} (unsigned bytes, {dims} dimensions)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    body = raw[4 + 4 * dims:]
+    expected = int(np.prod(shape))
+    if len(body) != expected:
+        raise DataError(f"{path}: its header says {shape} = {expected} bytes of data, but it "
+                        f"holds {len(body)}; the file is truncated or damaged")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def read_idx_dir(directory: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
+    arrays, paths = {}, []
+    for key, stem in IDX_FILES.items():
+        path, raw = _open_idx(directory, stem)
+        arrays[key] = parse_idx(raw, path, 3 if key.startswith("x") else 1)
+        paths.append(path)
+    return arrays, paths
+
+
+def check_arrays(arrays: dict[str, np.ndarray], origin: str) -> None:
+    """Images must be N×28×28 uint8-valued, labels N integers in 0–9, counts matching."""
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise DataError(f"{origin}: x_{split} has shape {x.shape}; expected N×28×28 images")
+        if x.dtype != np.uint8:
+            if not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255:
+                raise DataError(f"{origin}: x_{split} must hold pixel values 0–255 "
+                                f"(dtype {x.dtype})")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{origin}: y_{split} has shape {y.shape}; expected {len(x)} labels")
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() > 9)):
+            bad = y[(y < 0) | (y > 9)][:3] if np.issubdtype(y.dtype, np.number) else y[:3]
+            raise DataError(f"{origin}: y_{split} has labels outside 0–9 (e.g. {list(bad)})")
+
+
+def hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(durable.sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def hash_arrays(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()
+
+
+def _keras_download(name: str) -> dict[str, np.ndarray]:
+    import keras  # imported here: only this source needs it
+
+    module = keras.datasets.mnist if name == "mnist" else keras.datasets.fashion_mnist
+    (x_train, y_train), (x_test, y_test) = module.load_data()
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def load_source(name: str, path: str | None) -> tuple[dict[str, np.ndarray], str, str]:
+    """Return (arrays, content fingerprint, description of the source)."""
+    if path:
+        source = Path(path).expanduser()
+        if source.is_dir():
+            arrays, files = read_idx_dir(source)
+            origin = f"IDX files in {source}"
+        elif source.is_file():
+            arrays, files = read_npz(source), [source]
+            origin = str(source)
+        else:
+            raise DataError(f"data.path={path} does not exist. Give a Keras-layout .npz file "
+                            "or a directory of IDX files, or leave data.path unset to download")
+        check_arrays(arrays, origin)
+        return arrays, hash_files(files), origin
+    if name == "sample":
+        arrays = read_npz(SAMPLE_PATH)
+        return arrays, hash_files([SAMPLE_PATH]), f"bundled sample {SAMPLE_PATH.name}"
+    try:
+        arrays = _keras_download(name)
+    except Exception as exc:  # Keras raises a bare Exception for a failed download
+        if name != "mnist":
+            raise DataError(f"Could not download {name} ({exc}). Download it on a machine "
+                            "with internet access and pass data.path=<file.npz or IDX dir>") \
+                from exc
+        log.warning(
+            "\n%s\nOFFLINE: could not download MNIST (%s).\nTraining on the SMALL sample "
+            "shipped with the package (%s), not the full dataset.\nFor the full set, copy "
+            "mnist.npz from a machine with internet access and pass data.path=/path/to/"
+            "mnist.npz, or put it in ~/.keras/datasets/.\n%s",
+            "!" * 78, type(exc).__name__, SAMPLE_PATH.name, "!" * 78)
+        arrays = read_npz(SAMPLE_PATH)
+        return arrays, hash_files([SAMPLE_PATH]), f"bundled sample {SAMPLE_PATH.name} (offline)"
+    check_arrays(arrays, f"Keras {name} download")
+    return arrays, hash_arrays(arrays), f"Keras {name} cache"
+
+
+# ---------------------------------------------------------------- preparing and caching
+
+
+def split(arrays: dict[str, np.ndarray], train_size: int | None, test_size: int | None,
+          val_size: int) -> dict[str, np.ndarray]:
+    """First `train_size` training images (the last `val_size` of them held out), first
+    `test_size` test images; all as uint8 and int64 labels."""
+    x_train = arrays["x_train"][:train_size].astype(np.uint8, copy=False)
+    y_train = arrays["y_train"][:train_size].astype(np.int64, copy=False)
+    if val_size >= len(x_train):
+        raise DataError(f"data.val_size={val_size} leaves no training images "
+                        f"(the training slice has {len(x_train)})")
+    cut = len(x_train) - val_size
+    return {
+        "x_train": x_train[:cut], "y_train": y_train[:cut],
+        "x_val": x_train[cut:], "y_val": y_train[cut:],
+        "x_test": arrays["x_test"][:test_size].astype(np.uint8, copy=False),
+        "y_test": arrays["y_test"][:test_size].astype(np.int64, copy=False),
+    }
+
+
+def pixel_stats(x_train: np.ndarray) -> tuple[float, float]:
+    """Mean and std of training pixels scaled to [0, 1], computed without a float64 copy."""
+    counts = np.bincount(x_train.reshape(-1), minlength=256).astype(np.float64)
+    values = np.arange(256) / 255.0
+    mean = float((counts * values).sum() / counts.sum())
+    std = float(np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum()))
+    return mean, std
+
+
+def prepare(name: str, path: str | None, train_size: int | None, test_size: int | None,
+            val_size: int, normalize: str, cache_dir: Path) -> Prepared:
+    """Load, check, slice and cache the data of one run; reuse the cache when it matches.
+
+    A cache made from a source whose content has changed since is refused, not mixed.
+    """
+    arrays, source_hash, origin = load_source(name, path)
+    recipe = {"name": name, "train_size": train_size, "test_size": test_size,
+              "val_size": val_size, "normalize": normalize}
+    if cache_dir.exists():
+        meta = _read_cache_meta(cache_dir)
+        if meta is not None:
+            if meta["source_sha256"] != source_hash:
+                raise DataError(
+                    f"The data source changed under this run: {origin} now has content "
+                    f"{source_hash[:12]}, but the run was prepared from {meta['source']} with "
+                    f"content {meta['source_sha256'][:12]}. Use the original data, or start a "
+                    "new run with run.name=<new> (or run.restart=true)")
+            if meta["recipe"] == recipe:
+                with np.load(cache_dir / "prepared.npz") as npz:
+                    cached = {k: npz[k] for k in SPLITS}
+                log.info("Data: reusing the prepared cache in %s", cache_dir)
+                return Prepared(cached, meta["mean"], meta["std"], meta["fingerprint"], origin)
+    splits = split(arrays, train_size, test_size, val_size)
+    mean, std = pixel_stats(splits["x_train"]) if normalize == "standardize" else (0.0, 1.0)
+    fingerprint = hashlib.sha256(f"{source_hash}:{sorted(recipe.items())}".encode()).hexdigest()
+    _write_cache(cache_dir, splits, {"source": origin, "source_sha256": source_hash,
+                                     "recipe": recipe, "mean": mean, "std": std,
+                                     "fingerprint": fingerprint})
+    log.info("Data: %s -> %d train, %d validation, %d test images (cached in %s)", origin,
+             len(splits["x_train"]), len(splits["x_val"]), len(splits["x_test"]), cache_dir)
+    return Prepared(splits, mean, std, fingerprint, origin)
+
+
+def _read_cache_meta(cache_dir: Path) -> dict | None:
+    try:
+        return durable.verify_dir(cache_dir)
+    except durable.CorruptArtifact as exc:
+        moved = durable.set_aside(cache_dir)
+        log.warning("Data cache failed verification (%s); set aside as %s and rebuilt", exc,
+                    moved)
+        return None
+
+
+def _write_cache(cache_dir: Path, splits: dict[str, np.ndarray], meta: dict) -> None:
+    if cache_dir.exists():
+        durable.set_aside(cache_dir)
+    durable.write_dir(cache_dir, lambda tmp: np.savez(tmp / "prepared.npz", **splits), meta)
+
+
+def features(x: np.ndarray, model_name: str, mean: float, std: float) -> np.ndarray:
+    """uint8 images -> float32 model input: flat 784 for the MLP, 28×28×1 for the CNN."""
+    out = x.reshape((-1, *INPUT_SHAPES[model_name])).astype(np.float32)
+    out *= np.float32(1.0 / 255.0)
+    if (mean, std) != (0.0, 1.0):
+        out -= np.float32(mean)
+        out *= np.float32(1.0 / std)
+    return out

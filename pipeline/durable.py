@@ -1,0 +1,240 @@
+"""Durable, atomic writes: the one place that decides how state survives a crash.
+
+A file is written to a temporary name in its final directory, flushed, fsynced, renamed into
+place, and the directory is fsynced. A directory of files (a checkpoint, an export) is written
+into a temporary directory, every file is fsynced, a MANIFEST.json with sizes and sha256 is
+written last, and the directory is committed by one rename. Readers only ever see committed
+names, and verify the manifest before trusting what they read.
+
+Fault injection: PIPELINE_FAILPOINT=<name>[@<hit>][:<action>] stops the process at a named step
+(action `kill`: SIGKILL itself, the default; `raise`: an OSError). Used by the crash tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+TMP_MARK = ".tmp-"
+MANIFEST = "MANIFEST.json"
+_failpoint_hits: dict[str, int] = {}
+
+
+class CorruptArtifact(Exception):
+    """A committed file or directory failed verification: truncated, flipped or incomplete."""
+
+
+class DiskFullError(PipelineError):
+    pass
+
+
+def failpoint(name: str) -> None:
+    """Stop here if PIPELINE_FAILPOINT names this point (see module docstring)."""
+    spec = os.environ.get("PIPELINE_FAILPOINT")
+    if not spec:
+        return
+    target, _, action = spec.partition(":")
+    target, _, hit = target.partition("@")
+    if target != name:
+        return
+    _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
+    if _failpoint_hits[name] != int(hit or 1):
+        return
+    if action == "raise":
+        raise OSError(errno.EIO, f"failpoint {name}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(final: Path) -> Path:
+    """A temporary sibling of `final` that keeps its suffix (Keras checks file suffixes)."""
+    return final.with_name(f".{final.stem}{TMP_MARK}{os.getpid()}{final.suffix}")
+
+
+def _space_message(path: Path, needed: int | None) -> str:
+    try:
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free
+    except OSError:
+        free = -1
+    need = f"{needed / 1e6:.1f} MB" if needed else "more space"
+    return f"No space left writing {path}: it needs {need}, {free / 1e6:.1f} MB are free. " \
+        "Free some disk space (or raise the file-size limit) and run the same command again; " \
+        "nothing committed was lost."
+
+
+def _translate(exc: OSError, path: Path, needed: int | None) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return DiskFullError(_space_message(path, needed))
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PipelineError(f"Cannot write {path}: {exc.strerror}. Make the directory "
+                             "writable or choose another one with run.outputs=...")
+    return exc
+
+
+def write_file(final: Path, write: Callable[[Path], None], size_hint: int | None = None) -> None:
+    """Commit a file written by `write(temp_path)` to `final` atomically and durably."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    try:
+        failpoint("file_before_write")
+        write(tmp)
+        failpoint("file_after_write")
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        failpoint("file_after_fsync")
+        os.replace(tmp, final)
+        failpoint("file_after_rename")
+        fsync_dir(final.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _translate(exc, final, size_hint) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(final: Path, data: bytes) -> None:
+    write_file(final, lambda tmp: tmp.write_bytes(data), size_hint=len(data))
+
+
+def write_record(final: Path, payload: Any) -> None:
+    """A small JSON record with its own checksum, so a flipped byte is detected on read."""
+    body = json.dumps(payload, sort_keys=True, indent=1)
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    write_bytes(final, json.dumps({"sha256": digest, "data": json.loads(body)},
+                                  sort_keys=True, indent=1).encode())
+
+
+def read_record(path: Path) -> Any:
+    """Read a record written by write_record; raise CorruptArtifact if it does not verify."""
+    try:
+        outer = json.loads(path.read_bytes())
+        body = json.dumps(outer["data"], sort_keys=True, indent=1)
+        ok = hashlib.sha256(body.encode()).hexdigest() == outer["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptArtifact(f"{path}: unreadable record ({exc})") from exc
+    if not ok:
+        raise CorruptArtifact(f"{path}: checksum mismatch")
+    return outer["data"]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def temp_dir(final: Path) -> Path:
+    """A fresh temporary directory beside `final`, to be committed with commit_dir."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path, meta: dict[str, Any] | None = None) -> None:
+    """fsync every file in `tmp`, write its manifest last, and rename it to `final`."""
+    try:
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+            files[str(path.relative_to(tmp))] = {"size": path.stat().st_size,
+                                                 "sha256": sha256_file(path)}
+        for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+            fsync_dir(sub)
+        failpoint("dir_before_manifest")
+        write_record(tmp / MANIFEST, {"files": files, "meta": meta or {}})
+        fsync_dir(tmp)
+        failpoint("dir_before_rename")
+        os.replace(tmp, final)
+        failpoint("dir_after_rename")
+        fsync_dir(final.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else None
+        raise _translate(exc, final, size) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_dir(final: Path, fill: Callable[[Path], None], meta: dict[str, Any] | None = None) -> None:
+    """Create `final` atomically: `fill(tmp)` writes the files, then commit_dir publishes them."""
+    tmp = temp_dir(final)
+    try:
+        fill(tmp)
+    except OSError as exc:
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _translate(exc, final, size or None) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, final, meta)
+
+
+def verify_dir(path: Path) -> dict[str, Any]:
+    """Check a committed directory against its manifest; return the manifest's meta."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CorruptArtifact(f"{path}: no {MANIFEST} (incomplete write)")
+    record = read_record(manifest)
+    for name, expected in record["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CorruptArtifact(f"{file}: missing")
+        if file.stat().st_size != expected["size"]:
+            raise CorruptArtifact(f"{file}: size {file.stat().st_size}, expected "
+                                  f"{expected['size']} (truncated?)")
+        if sha256_file(file) != expected["sha256"]:
+            raise CorruptArtifact(f"{file}: sha256 mismatch (corrupted)")
+    return record["meta"]
+
+
+def set_aside(path: Path) -> Path:
+    """Move a corrupt artifact out of the way (never delete evidence) and return where."""
+    target = path.with_name(f"{path.name}.corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt{n}")
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    return target
+
+
+def remove_temps(directory: Path) -> list[Path]:
+    """Delete temporary files and directories left by killed writes under `directory`."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for path in sorted(directory.rglob(f"*{TMP_MARK}*"), reverse=True):
+        if not path.exists() or not path.name.startswith("."):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

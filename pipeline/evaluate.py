@@ -1,0 +1,59 @@
+"""The evaluate stage: restore a checkpoint into a freshly built model and score the test set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from pipeline import checkpoint, durable
+from pipeline.config import ModelConfig
+from pipeline.data import Prepared
+from pipeline.errors import PipelineError
+from pipeline.fit import evaluate_logits, restore_model
+from pipeline.model import build_model
+
+log = logging.getLogger(__name__)
+
+
+def choose_checkpoint(ckpt_root: Path, which: str) -> checkpoint.Checkpoint:
+    """The latest good checkpoint, or with which=best the best one it records."""
+    latest = checkpoint.load_latest(ckpt_root)
+    if latest is None:
+        raise PipelineError(f"No checkpoint to evaluate in {ckpt_root}. Run the fit stage first "
+                            "(python -m pipeline train ...).")
+    if which == "latest":
+        return latest
+    best_step = latest.meta["loop"].get("best_step")
+    if best_step is None or best_step == latest.step:
+        return latest
+    best = checkpoint.load_latest(ckpt_root, only_step=best_step)
+    if best is None:
+        raise PipelineError(f"The best checkpoint (step {best_step}) is missing or damaged in "
+                            f"{ckpt_root}; use evaluate.checkpoint=latest.")
+    return best
+
+
+def run_evaluate(model_cfg: ModelConfig, data: Prepared, ckpt: checkpoint.Checkpoint,
+                 run_dir: Path, which: str) -> dict[str, Any]:
+    model = build_model(model_cfg)
+    restore_model(model, ckpt.arrays)
+    logits = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    loss, accuracy = evaluate_logits(logits, data.arrays["x_test"], data.arrays["y_test"],
+                                     model_cfg.name, (data.mean, data.std))
+    print(f"Restored model, accuracy: {100 * accuracy:5.2f}%", flush=True)
+    metrics = {"test_loss": loss, "test_accuracy": accuracy, "checkpoint": which,
+               "checkpoint_step": ckpt.step, "test_images": int(len(data.arrays["y_test"])),
+               "data_fingerprint": data.fingerprint}
+    durable.write_bytes(run_dir / "metrics.json", _json(metrics))
+    log.info("Evaluate: step %d (%s), test loss %.4f, test accuracy %.4f", ckpt.step, which,
+             loss, accuracy)
+    return metrics
+
+
+def _json(obj: Any) -> bytes:
+    import json
+
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()

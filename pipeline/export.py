@@ -1,0 +1,211 @@
+"""The export stage: every deployable format from one checkpoint, verified, then published.
+
+Layout (TensorFlow Serving's): `export/<model_name>/<version>/` is a SavedModel directory, with
+`model.keras`, `model.h5`, `model.tflite` and `model_card.json` beside `saved_model.pb`. The
+version is written into a temporary directory, each format is reloaded from disk and checked
+against the in-memory model on real test images, and only then is the directory renamed into
+place. A half-written version never carries a version number.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import checkpoint, durable
+from pipeline.config import Config
+from pipeline.data import INPUT_SHAPES, Prepared, features
+from pipeline.errors import PipelineError
+from pipeline.fit import make_optimizer, restore_training_model
+
+log = logging.getLogger(__name__)
+VERIFY_IMAGES = 256
+TOLERANCE = {"saved_model": 1e-5, "keras": 1e-5, "h5": 1e-5, "tflite": 1e-4}
+
+
+class ExportVerificationError(PipelineError):
+    pass
+
+
+def versions(model_root: Path) -> list[int]:
+    if not model_root.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_root.iterdir() if p.name.isdigit())
+
+
+def published_for_step(model_root: Path, step: int) -> Path | None:
+    """An existing version exported from checkpoint `step` that still verifies."""
+    for version in reversed(versions(model_root)):
+        path = model_root / str(version)
+        try:
+            meta = durable.verify_dir(path)
+        except durable.CorruptArtifact as exc:
+            log.warning("Export %s failed verification (%s); set aside", path, exc)
+            durable.set_aside(path)
+            continue
+        if meta.get("checkpoint_step") == step:
+            return path
+    return None
+
+
+def serving_functions(model: keras.Model, model_name: str, mean: float, std: float) -> dict:
+    """Signatures that take raw MNIST pixels, so serving can never skew from training."""
+    shape = INPUT_SHAPES[model_name]
+
+    def classify(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        x = tf.cast(pixels, tf.float32) / 255.0
+        x = (x - mean) / std
+        logits = model(tf.reshape(x, (-1, *shape)), training=False)
+        probabilities = tf.nn.softmax(logits, axis=-1)
+        return {"probabilities": probabilities,
+                "class_id": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
+
+    def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return classify(image)
+
+    def serve_flat(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return classify(image)
+
+    def serve_examples(examples: tf.Tensor) -> dict[str, tf.Tensor]:
+        parsed = tf.io.parse_example(
+            examples, {"image": tf.io.FixedLenFeature([784], tf.float32)})
+        return classify(parsed["image"])
+
+    return {
+        "serving_default": (serve, [tf.TensorSpec([None, 28, 28], tf.uint8, name="image")]),
+        "serve_flat": (serve_flat, [tf.TensorSpec([None, 784], tf.float32, name="image")]),
+        "serve_examples": (serve_examples, [tf.TensorSpec([None], tf.string, name="examples")]),
+    }
+
+
+def write_saved_model(model: keras.Model, path: Path, model_name: str, mean: float,
+                      std: float) -> None:
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name, (fn, signature) in serving_functions(model, model_name, mean, std).items():
+        archive.add_endpoint(name=name, fn=fn, input_signature=signature)
+    archive.write_out(str(path), verbose=False)
+
+
+def write_tflite(saved_model: Path, path: Path) -> None:
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model),
+                                                         signature_keys=["serving_default"])
+    path.write_bytes(converter.convert())
+
+
+def reference_probabilities(model: keras.Model, images: np.ndarray, model_name: str,
+                            mean: float, std: float) -> np.ndarray:
+    logits = model(features(images, model_name, mean, std), training=False)
+    return tf.nn.softmax(logits, axis=-1).numpy()
+
+
+def reload_predictions(fmt: str, path: Path, images: np.ndarray, model_name: str, mean: float,
+                       std: float) -> np.ndarray:
+    """Probabilities for `images` (uint8 N×28×28) from the exported file at `path`."""
+    if fmt == "saved_model":
+        loaded = tf.saved_model.load(str(path))
+        out = loaded.signatures["serving_default"](image=tf.constant(images))
+        return out["probabilities"].numpy()
+    if fmt == "tflite":
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+        runner = interpreter.get_signature_runner("serving_default")
+        return np.concatenate([runner(image=images[i:i + 1])["probabilities"]
+                               for i in range(len(images))])
+    model = keras.models.load_model(path, compile=False)
+    return reference_probabilities(model, images, model_name, mean, std)
+
+
+def verify(fmt: str, path: Path, images: np.ndarray, expected: np.ndarray, model_name: str,
+           mean: float, std: float) -> float:
+    got = reload_predictions(fmt, path, images, model_name, mean, std)
+    max_diff = float(np.max(np.abs(got - expected)))
+    same_class = np.array_equal(np.argmax(got, -1), np.argmax(expected, -1))
+    if not same_class or max_diff > TOLERANCE[fmt]:
+        raise ExportVerificationError(
+            f"Export check failed for {fmt} ({path.name}): class ids "
+            f"{'match' if same_class else 'differ'}, max probability difference {max_diff:.2e} "
+            f"(allowed {TOLERANCE[fmt]:.0e}). Nothing was published.")
+    return max_diff
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_export(cfg: Config, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir: Path,
+               metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """Publish a new verified version for `ckpt`, or return the one already published."""
+    model_root = run_dir / "export" / cfg.export.model_name
+    existing = published_for_step(model_root, ckpt.step)
+    if existing is not None:
+        log.info("Export: %s already holds checkpoint step %d", existing, ckpt.step)
+        return {"path": str(existing), "checkpoint_step": ckpt.step, "skipped": True}
+    accuracy = (metrics or {}).get("test_accuracy")
+    if cfg.export.min_accuracy is not None and (accuracy is None
+                                                or accuracy < cfg.export.min_accuracy):
+        raise ExportVerificationError(
+            f"Not exported: test accuracy {accuracy} is below export.min_accuracy="
+            f"{cfg.export.min_accuracy}. Train longer or lower the threshold.")
+    steps_per_epoch = -(-len(data.arrays["y_train"]) // cfg.fit.batch_size)
+    optimizer = make_optimizer(cfg.optimizer, steps_per_epoch, cfg.fit.epochs)
+    model = restore_training_model(cfg.model, optimizer, ckpt.arrays)
+    name, mean, std = cfg.model.name, data.mean, data.std
+    images = data.arrays["x_test"][:VERIFY_IMAGES]
+    expected = reference_probabilities(model, images, name, mean, std)
+    diffs: dict[str, float] = {}
+
+    def fill(tmp: Path) -> None:
+        write_saved_model(model, tmp, name, mean, std)
+        diffs["saved_model"] = verify("saved_model", tmp, images, expected, name, mean, std)
+        files = {"keras": tmp / "model.keras"}
+        model.save(files["keras"])
+        if cfg.export.h5:
+            files["h5"] = tmp / "model.h5"
+            model.save(files["h5"])
+        if cfg.export.tflite:
+            files["tflite"] = tmp / "model.tflite"
+            write_tflite(tmp, files["tflite"])
+        for fmt, path in files.items():
+            diffs[fmt] = verify(fmt, path, images, expected, name, mean, std)
+        card = {
+            "model_name": cfg.export.model_name, "checkpoint_step": ckpt.step,
+            "config": _plain(cfg), "data_fingerprint": data.fingerprint, "data_source":
+            data.source, "test_metrics": metrics, "signatures": {
+                "serving_default": "image uint8[N,28,28] raw pixels -> probabilities "
+                                   "float32[N,10], class_id int64[N]",
+                "serve_flat": "image float32[N,784] raw pixels 0-255 -> same outputs",
+                "serve_examples": "examples: serialized tf.train.Example with float feature "
+                                  "'image' (784 raw pixels 0-255) -> same outputs"},
+            "max_probability_difference": diffs, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "files": {str(p.relative_to(tmp)): durable.sha256_file(p)
+                      for p in sorted(tmp.rglob("*")) if p.is_file()},
+        }
+        (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+
+    version = (versions(model_root) or [0])[-1] + 1
+    final = model_root / str(version)
+    durable.write_dir(final, fill, {"checkpoint_step": ckpt.step, "diffs": diffs})
+    log.info("Export: published %s (max probability differences %s)", final,
+             ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    return {"path": str(final), "version": version, "checkpoint_step": ckpt.step,
+            "max_probability_difference": diffs}
+
+
+def _plain(cfg: Config) -> dict[str, Any]:
+    from pipeline.config import as_dict
+
+    return as_dict(cfg)

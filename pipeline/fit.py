@@ -1,0 +1,376 @@
+"""The fit stage: a short, explicit train loop built so that an interrupted run resumes exactly.
+
+Everything that decides the next update is either in a checkpoint or a pure function of
+(seed, epoch, step): the model's variables (Dropout's seed-generator state included), the
+optimizer's variables (iteration count included, which drives the learning-rate schedule), the
+metric accumulators of the current epoch, and the loop position. The data order of epoch `e` is
+`permutation(seed, e)`, so a resumed run feeds exactly the batches the lost run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import checkpoint, tblog
+from pipeline.config import CheckpointConfig, FitConfig, ModelConfig, OptimizerConfig
+from pipeline.data import Prepared, features
+from pipeline.errors import Interrupted, PipelineError
+from pipeline.model import build_model
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 1000
+
+
+class NonFiniteLoss(PipelineError):
+    pass
+
+
+def permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of training examples in `epoch`: a pure function, so it needs no saving."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+def make_optimizer(cfg: OptimizerConfig, steps_per_epoch: int,
+                   epochs: int) -> keras.optimizers.Optimizer:
+    total = steps_per_epoch * epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    lr: Any = cfg.learning_rate
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else cfg.learning_rate, max(total - warmup, 1), alpha=0.0,
+            warmup_target=cfg.learning_rate if warmup else None, warmup_steps=warmup)
+    elif cfg.schedule == "onecycle":
+        lr = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate / 25, max(total - max(warmup, 1), 1), alpha=0.0,
+            warmup_target=cfg.learning_rate, warmup_steps=max(warmup, total // 4, 1))
+    if cfg.name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+    return keras.optimizers.Adam(lr)
+
+
+def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
+    lr = optimizer.learning_rate
+    return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is, and what it has learned about the run so far (all JSON)."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step_in_epoch: int = 0  # steps of `epoch` already done
+    global_step: int = 0
+    best_value: float | None = None  # best validation accuracy so far
+    best_step: int | None = None
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Owns the model, optimizer and accumulators of one fit, and their (de)serialization."""
+
+    def __init__(self, model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig,
+                 seed: int, data: Prepared) -> None:
+        keras.utils.set_random_seed(seed)
+        self.seed = seed
+        self.fit_cfg = fit_cfg
+        self.model_name = model_cfg.name
+        self.mean_std = (data.mean, data.std)
+        self.x_train = tf.constant(features(data.arrays["x_train"], model_cfg.name, data.mean,
+                                            data.std))
+        self.y_train = tf.constant(data.arrays["y_train"])
+        self.n_train = int(self.y_train.shape[0])
+        self.steps_per_epoch = math.ceil(self.n_train / fit_cfg.batch_size)
+        self.model = build_model(model_cfg)
+        self.optimizer = make_optimizer(opt_cfg, self.steps_per_epoch, fit_cfg.epochs)
+        # Built now, so restored optimizer state lands in real variables (Keras would
+        # otherwise skip it and leave `iterations` at 0).
+        self.optimizer.build(self.model.trainable_variables)
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.correct_sum = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.first_bad_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._train_step = tf.function(self._step, reduce_retracing=True)
+        self._logits = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+
+    def _step(self, indices: tf.Tensor) -> None:
+        x = tf.gather(self.x_train, indices)
+        y = tf.gather(self.y_train, indices)
+        with tf.GradientTape() as tape:
+            logits = self.model(x, training=True)
+            losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            loss = tf.reduce_mean(losses)
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply(grads, self.model.trainable_variables)
+        # The step number after this update; recorded once, at the first non-finite loss.
+        step = tf.cast(self.optimizer.iterations, tf.int64)
+        bad = tf.logical_and(tf.logical_not(tf.math.is_finite(loss)),
+                             tf.equal(self.first_bad_step, 0))
+        self.first_bad_step.assign(tf.where(bad, step, self.first_bad_step))
+        self.loss_sum.assign_add(tf.reduce_sum(tf.cast(losses, tf.float64)))
+        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int64), tf.cast(y, tf.int64))
+        self.correct_sum.assign_add(tf.reduce_sum(tf.cast(hits, tf.int64)))
+        self.seen.assign_add(tf.size(y, out_type=tf.int64))
+
+    def train_step(self, indices: np.ndarray) -> None:
+        self._train_step(tf.constant(indices))
+
+    def train_metrics(self) -> tuple[float, float]:
+        seen = max(int(self.seen.numpy()), 1)
+        return float(self.loss_sum.numpy()) / seen, int(self.correct_sum.numpy()) / seen
+
+    def reset_metrics(self) -> None:
+        for var in (self.loss_sum, self.correct_sum, self.seen):
+            var.assign(tf.zeros_like(var))
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """Loss and accuracy of the current weights on uint8 images `x` with labels `y`."""
+        return evaluate_logits(self._logits, x, y, self.model_name, self.mean_std)
+
+    # Serialization: every variable that influences the next update, keyed by position and path
+    # so that a checkpoint from a different architecture is refused, not half-loaded.
+    def _variables(self) -> list[tuple[str, tf.Variable]]:
+        tracked = [("model", v) for v in self.model.variables]
+        tracked += [("optimizer", v) for v in self.optimizer.variables]
+        tracked += [("loop", v) for v in (self.loss_sum, self.correct_sum, self.seen)]
+        return [(f"{group}/{i:04d}/{canonical_path(v)}", v) for i, (group, v) in enumerate(tracked)]
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {name: np.asarray(v.numpy()) for name, v in self._variables()}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        variables = self._variables()
+        names = [name for name, _ in variables]
+        if sorted(names) != sorted(arrays):
+            missing = sorted(set(names) - set(arrays))[:3]
+            extra = sorted(set(arrays) - set(names))[:3]
+            raise PipelineError(f"The checkpoint does not match this model (missing {missing}, "
+                                f"unexpected {extra}). Use run.restart=true to start over.")
+        for name, var in variables:
+            var.assign(arrays[name])
+
+
+def canonical_path(var: Any) -> str:
+    """A variable's path without Keras' per-process uniquifying suffixes (`seed_generator_1`),
+    so the same architecture gives the same names in every process."""
+    return re.sub(r"_\d+(?=/|$)", "", var.path if hasattr(var, "path") else var.name)
+
+
+def _restore_group(group: str, variables: list, arrays: dict[str, np.ndarray]) -> None:
+    names = sorted(k for k in arrays if k.startswith(group + "/"))
+    if len(names) != len(variables) or any(
+            not name.endswith("/" + canonical_path(var)) for name, var in zip(names, variables)):
+        raise PipelineError(f"The checkpoint's {group} state does not match this config. "
+                            "Use run.restart=true to start over.")
+    for name, var in zip(names, variables):
+        var.assign(arrays[name])
+
+
+def restore_model(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
+    """Load only the model's variables of a checkpoint (as Trainer saved them) into `model`."""
+    _restore_group("model", model.variables, arrays)
+
+
+def restore_training_model(model_cfg: ModelConfig, optimizer: keras.optimizers.Optimizer,
+                           arrays: dict[str, np.ndarray]) -> keras.Model:
+    """A compiled model with the checkpoint's weights and optimizer state (for .keras export,
+    from which training can continue)."""
+    model = build_model(model_cfg)
+    optimizer.build(model.trainable_variables)
+    restore_model(model, arrays)
+    _restore_group("optimizer", optimizer.variables, arrays)
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def evaluate_logits(logits_fn: Callable[[tf.Tensor], tf.Tensor], x: np.ndarray, y: np.ndarray,
+                    model_name: str, mean_std: tuple[float, float]) -> tuple[float, float]:
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), EVAL_BATCH):
+        batch = features(x[start:start + EVAL_BATCH], model_name, *mean_std)
+        logits = logits_fn(tf.constant(batch))
+        labels = y[start:start + EVAL_BATCH]
+        losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        loss_sum += float(tf.reduce_sum(tf.cast(losses, tf.float64)).numpy())
+        correct += int((np.argmax(logits.numpy(), axis=-1) == labels).sum())
+    return loss_sum / max(len(x), 1), correct / max(len(x), 1)
+
+
+class Progress:
+    """A Keras-style live line per epoch, refreshed a few times a second."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
+        print(f"Epoch {epoch + 1}/{epochs}", flush=True)
+        self.bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
+        self.last = 0.0
+        if start_step:
+            self.bar.update(start_step)
+
+    def update(self, step: int, trainer: Trainer, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last > 0.25:
+            loss, acc = trainer.train_metrics()
+            self.bar.update(step, values=[("loss", loss), ("accuracy", acc)], finalize=force)
+            self.last = now
+
+
+def run_fit(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig,
+            ckpt_cfg: CheckpointConfig, seed: int, data: Prepared, run_dir: Path,
+            should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Train to `fit_cfg.epochs`, resuming from the newest good checkpoint; return a summary."""
+    trainer = Trainer(model_cfg, opt_cfg, fit_cfg, seed, data)
+    ckpt_root = run_dir / "checkpoints"
+    state = LoopState()
+    latest = checkpoint.load_latest(ckpt_root)
+    if latest is not None:
+        trainer.restore(latest.arrays)
+        state = LoopState(**latest.meta["loop"])
+        state.resumes.append({"step": state.global_step, "epoch": state.epoch,
+                              "time": time.time()})
+        log.info("Fit: resuming from %s (epoch %d, step %d of %d in the epoch)",
+                 latest.path.name, state.epoch + 1, state.step_in_epoch,
+                 trainer.steps_per_epoch)
+    tb_dir = run_dir / "tensorboard"
+    tb_dir.mkdir(parents=True, exist_ok=True)
+    dropped = tblog.truncate_after(tb_dir, state.global_step)
+    if dropped:
+        log.info("TensorBoard: dropped %d events written after the last checkpoint", dropped)
+    events = tblog.EventLog(tb_dir)
+    if state.global_step:
+        events.session_start(state.global_step + 1)
+        events.scalar("resume/step", state.global_step, state.global_step)
+    loop = _Loop(trainer, state, fit_cfg, ckpt_cfg, data, ckpt_root, events, should_stop)
+    try:
+        loop.run()
+    finally:
+        events.close()
+    return {"global_step": state.global_step, "epochs_done": state.epoch,
+            "stopped_early": state.stopped_early, "best_step": state.best_step,
+            "best_val_accuracy": state.best_value, "history": state.history,
+            "resumes": state.resumes}
+
+
+class _Loop:
+    def __init__(self, trainer: Trainer, state: LoopState, fit_cfg: FitConfig,
+                 ckpt_cfg: CheckpointConfig, data: Prepared, ckpt_root: Path,
+                 events: tblog.EventLog, should_stop: Callable[[], bool]) -> None:
+        self.t, self.s, self.fit_cfg, self.ckpt_cfg = trainer, state, fit_cfg, ckpt_cfg
+        self.data, self.ckpt_root, self.events, self.should_stop = data, ckpt_root, events, \
+            should_stop
+        self.last_save_time = time.monotonic()
+
+    def run(self) -> None:
+        t, s, cfg = self.t, self.s, self.fit_cfg
+        if s.epoch >= cfg.epochs or s.stopped_early:
+            log.info("Fit: already trained %d epochs; nothing to do", s.epoch)
+            return
+        while s.epoch < cfg.epochs and not s.stopped_early:
+            order = permutation(t.seed, s.epoch, t.n_train)
+            progress = Progress(s.epoch, cfg.epochs, t.steps_per_epoch, s.step_in_epoch)
+            while s.step_in_epoch < t.steps_per_epoch:
+                start = s.step_in_epoch * cfg.batch_size
+                t.train_step(order[start:start + cfg.batch_size])
+                s.step_in_epoch += 1
+                s.global_step += 1
+                progress.update(s.step_in_epoch, t)
+                if s.global_step % cfg.log_every_steps == 0:
+                    self._log_step()
+                last_in_epoch = s.step_in_epoch == t.steps_per_epoch
+                if not last_in_epoch and self._checkpoint_due():
+                    self._save()
+                if self.should_stop():
+                    if not last_in_epoch:
+                        self._save()
+                        raise self._interrupted()
+                    break
+            progress.update(s.step_in_epoch, t, force=True)
+            self._end_epoch()
+            if self.should_stop() and s.epoch < cfg.epochs:
+                raise self._interrupted()
+
+    def _interrupted(self) -> Interrupted:
+        return Interrupted(f"Interrupted: checkpoint saved at step {self.s.global_step} "
+                           f"(epoch {self.s.epoch + 1}). Run the same command again to resume.")
+
+    def _checkpoint_due(self) -> bool:
+        c = self.ckpt_cfg
+        if c.every_steps and self.s.global_step % c.every_steps == 0:
+            return True
+        return bool(c.every_seconds) and time.monotonic() - self.last_save_time >= c.every_seconds
+
+    def _check_finite(self) -> None:
+        bad = int(self.t.first_bad_step.numpy())
+        if bad:
+            kept = checkpoint.committed_steps(self.ckpt_root)
+            last = f"step {kept[-1]}" if kept else "none yet"
+            raise NonFiniteLoss(
+                f"The training loss became NaN or infinite at step {bad}; stopped without "
+                f"saving it. The last good checkpoint ({last}) is kept. Lower "
+                "optimizer.learning_rate, or check the data, and rerun.")
+
+    def _log_step(self) -> None:
+        self._check_finite()
+        loss, acc = self.t.train_metrics()
+        step = self.s.global_step
+        self.events.scalar("train/loss", loss, step)
+        self.events.scalar("train/accuracy", acc, step)
+        self.events.scalar("train/learning_rate", current_lr(self.t.optimizer), step)
+
+    def _save(self) -> None:
+        self._check_finite()
+        s = self.s
+        if s.global_step in checkpoint.committed_steps(self.ckpt_root):
+            return
+        self.events.sync()  # every event up to this step is durable before the commit
+        meta = {"loop": s.__dict__, "epoch": s.epoch, "global_step": s.global_step,
+                "data_fingerprint": self.data.fingerprint, "time": time.time()}
+        checkpoint.save(self.ckpt_root, s.global_step, self.t.state_arrays(), meta)
+        checkpoint.retain(self.ckpt_root, self.ckpt_cfg.keep, s.best_step)
+        self.last_save_time = time.monotonic()
+
+    def _end_epoch(self) -> None:
+        t, s = self.t, self.s
+        self._check_finite()
+        train_loss, train_acc = t.train_metrics()
+        row = {"epoch": s.epoch + 1, "step": s.global_step, "loss": train_loss,
+               "accuracy": train_acc}
+        self.events.scalar("epoch/train_loss", train_loss, s.global_step)
+        self.events.scalar("epoch/train_accuracy", train_acc, s.global_step)
+        if len(self.data.arrays["y_val"]):
+            val_loss, val_acc = t.evaluate(self.data.arrays["x_val"], self.data.arrays["y_val"])
+            row.update(val_loss=val_loss, val_accuracy=val_acc)
+            self.events.scalar("epoch/val_loss", val_loss, s.global_step)
+            self.events.scalar("epoch/val_accuracy", val_acc, s.global_step)
+            improved = s.best_value is None or val_acc > s.best_value
+        else:
+            val_acc, improved = train_acc, True  # no validation split: the newest is the best
+        if improved:
+            s.best_value, s.best_step, s.epochs_without_improvement = val_acc, s.global_step, 0
+        else:
+            s.epochs_without_improvement += 1
+        patience = self.fit_cfg.early_stopping_patience
+        if patience and s.epochs_without_improvement >= patience:
+            s.stopped_early = True
+            log.info("Fit: early stop, no improvement for %d epochs", patience)
+        log.info("Epoch %d: %s", s.epoch + 1,
+                 ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "step")))
+        s.history.append(row)
+        s.epoch += 1
+        s.step_in_epoch = 0
+        t.reset_metrics()
+        self._save()

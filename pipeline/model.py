@@ -1,0 +1,36 @@
+"""The model stage: build the network a config describes. Outputs are logits."""
+
+from __future__ import annotations
+
+import keras
+
+from pipeline.config import ModelConfig
+from pipeline.data import INPUT_SHAPES
+
+
+def build_model(cfg: ModelConfig) -> keras.Model:
+    inputs = keras.Input(shape=INPUT_SHAPES[cfg.name], name="image")
+    if cfg.name == "mlp":
+        x = keras.layers.Dense(cfg.hidden_units, activation="relu", name="hidden")(inputs)
+        x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    else:
+        x = inputs
+        for i, filters in enumerate(cfg.filters):
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not cfg.batch_norm,
+                                    name=f"conv{i}")(x)
+            if cfg.batch_norm:
+                # momentum 0.9: the moving statistics must be usable after a few hundred steps.
+                x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+            x = keras.layers.Activation("relu", name=f"relu{i}")(x)
+            x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
+        x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(10, name="logits")(x)
+    return keras.Model(inputs, outputs, name=cfg.name)
+
+
+def summary_text(model: keras.Model) -> str:
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,144 @@
+"""A run directory: its lock (one writer at a time), its identity, and its stage records.
+
+    outputs/<run name>/
+      .lock                  flock'ed by the process working on the run (pid, host, start)
+      run.json               identity config + session history (a checksummed record)
+      stages/<stage>.json    written when a stage finishes; a finished stage is skipped
+      data/                  prepared data cache (committed directory with manifest)
+      checkpoints/step-N/    training checkpoints (committed directories)
+      tensorboard/           event files
+      metrics.json           test metrics of the evaluated checkpoint
+      export/<model>/<ver>/  SavedModel (TF Serving layout) + .keras, .h5, .tflite, model card
+      pipeline.log           the log of every session (Hydra's job log)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import durable
+from pipeline.errors import ConfigError, PipelineError, RunLocked
+
+STAGES = ("data", "model", "fit", "evaluate", "export")
+# What run.restart=true removes; Hydra's .hydra/ and the log stay, so history is not lost.
+ARTIFACTS = ("run.json", "stages", "data", "checkpoints", "tensorboard", "metrics.json",
+             "export", "model_summary.txt")
+
+
+class RunLock:
+    """An exclusive flock on `<run>/.lock`. The kernel drops it when the holder dies, so a lock
+    left by a killed process is simply free: no stale-lock heuristics are needed."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_holder(self.path) or {}
+            raise RunLocked(
+                f"Run {self.path.parent} is in use by pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} since {holder.get('started', '?')}. Wait for it to "
+                "finish, stop it, or use another run.name=...") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+def is_running(run_dir: Path) -> bool:
+    path = run_dir / ".lock"
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def restart(run_dir: Path) -> None:
+    for name in ARTIFACTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def check_identity(run_dir: Path, identity: dict[str, Any], full_config: dict[str, Any]) -> None:
+    """Record the run's identity on first use; refuse a different one later."""
+    record_path = run_dir / "run.json"
+    if not record_path.exists():
+        durable.write_record(record_path, {"identity": identity, "config": full_config,
+                                           "created": time.time()})
+        return
+    try:
+        stored = durable.read_record(record_path)["identity"]
+    except (durable.CorruptArtifact, KeyError, TypeError) as exc:
+        raise PipelineError(f"{record_path} is damaged ({exc}), so this run's config cannot be "
+                            "checked. Restore it, or start over with run.restart=true") from exc
+    diffs = [f"{key}: {stored.get(key, '<unset>')!r} -> {identity.get(key, '<unset>')!r}"
+             for key in sorted(set(stored) | set(identity)) if stored.get(key) != identity.get(key)]
+    if diffs:
+        raise ConfigError(f"Run {run_dir} was made with a different config ({'; '.join(diffs)})."
+                          " Use run.name=<new name> for a new run, or run.restart=true to "
+                          "discard this one and start over.")
+
+
+def stage_record(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    """The record a finished stage left, or None (missing or damaged: redo the stage)."""
+    path = run_dir / "stages" / f"{stage}.json"
+    if not path.exists():
+        return None
+    try:
+        return durable.read_record(path)
+    except durable.CorruptArtifact:
+        durable.set_aside(path)
+        return None
+
+
+def finish_stage(run_dir: Path, stage: str, record: dict[str, Any]) -> None:
+    durable.write_record(run_dir / "stages" / f"{stage}.json", {**record, "finished": time.time()})
+
+
+def clear_stage(run_dir: Path, stage: str) -> None:
+    (run_dir / "stages" / f"{stage}.json").unlink(missing_ok=True)

@@ -1,0 +1,123 @@
+"""`python -m pipeline status [run.name=NAME] [run.outputs=DIR] [--json]`: what every run is
+doing, read from the run directories alone (no TensorFlow, no Hydra run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import checkpoint, durable, rundir
+
+
+def _record(path: Path) -> dict[str, Any] | None:
+    try:
+        return durable.read_record(path) if path.exists() else None
+    except durable.CorruptArtifact:
+        return None
+
+
+def run_state(run_dir: Path) -> str:
+    if rundir.is_running(run_dir):
+        return "running"
+    session = _record(run_dir / "session.json") or {}
+    state = session.get("state", "new")
+    # A session that says "running" while nobody holds the lock was killed.
+    return "interrupted" if state == "running" else state
+
+
+def describe(run_dir: Path) -> dict[str, Any]:
+    stages = {s: _record(run_dir / "stages" / f"{s}.json") for s in rundir.STAGES}
+    steps = checkpoint.committed_steps(run_dir / "checkpoints")
+    latest = checkpoint.path_for(run_dir / "checkpoints", steps[-1]) if steps else None
+    meta: dict[str, Any] = {}
+    if latest is not None:
+        manifest = _record(latest / durable.MANIFEST)
+        meta = (manifest or {}).get("meta", {})
+    loop = meta.get("loop", {})
+    history = loop.get("history", [])
+    evaluate = stages["evaluate"] or {}
+    session = _record(run_dir / "session.json") or {}
+    return {
+        "name": run_dir.name,
+        "dir": str(run_dir),
+        "state": run_state(run_dir),
+        "message": session.get("message"),
+        "stages_done": [s for s, rec in stages.items() if rec],
+        "epoch": loop.get("epoch"),
+        "step": loop.get("global_step"),
+        "best_val_accuracy": loop.get("best_value"),
+        "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
+        "test_accuracy": evaluate.get("test_accuracy"),
+        "latest_checkpoint": str(latest) if latest else None,
+        "checkpoint_age_s": time.time() - meta["time"] if "time" in meta else None,
+        "resumes": loop.get("resumes", []),
+        "disk_bytes": sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()),
+    }
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.2f}%"
+    return str(value)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ("RUN", "STATE", "STAGES DONE", "EPOCH", "STEP", "BEST VAL", "TEST ACC",
+              "CHECKPOINT", "DIRECTORY")
+    lines = [header]
+    for r in rows:
+        lines.append((r["name"], r["state"], ",".join(r["stages_done"]) or "-", _fmt(r["epoch"]),
+                      _fmt(r["step"]), _fmt(r["best_val_accuracy"], True),
+                      _fmt(r["test_accuracy"], True), _age(r["checkpoint_age_s"]), r["dir"]))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def main(args: list[str]) -> int:
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = [a for a in args if "=" not in a and a != "--json"]
+    unknown += [k for k in options if k not in ("run.name", "run.outputs")]
+    if unknown:
+        print(f"error: status takes run.name=NAME, run.outputs=DIR and --json, not {unknown[0]}",
+              file=sys.stderr)
+        return 2
+    outputs = Path(options.get("run.outputs", "outputs"))
+    if "run.name" in options:
+        run_dirs = [outputs / options["run.name"]]
+        if not (run_dirs[0] / "run.json").exists():
+            print(f"error: no run at {run_dirs[0]}", file=sys.stderr)
+            return 2
+    else:
+        run_dirs = sorted(p.parent for p in outputs.glob("*/run.json"))
+    rows = [describe(d) for d in run_dirs]
+    if "--json" in args:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"No runs under {outputs}/ yet. Start one with: python -m pipeline train")
+    else:
+        print(table(rows))
+        if "run.name" in options:
+            row = rows[0]
+            print(f"\nlatest checkpoint: {row['latest_checkpoint'] or '-'}")
+            print(f"disk usage: {row['disk_bytes'] / 1e6:.1f} MB")
+            if row["message"]:
+                print(f"last message: {row['message']}")
+            for r in row["resumes"]:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
+                print(f"resumed at step {r['step']} (epoch {r['epoch'] + 1}) on {when}")
+    return 0

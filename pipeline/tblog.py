@@ -1,0 +1,81 @@
+"""TensorBoard event files that stay correct across crashes and resumes.
+
+Events are written with TensorBoard's own record format. `sync` flushes and fsyncs the file; fit
+calls it before committing a checkpoint, so every step a checkpoint covers is on disk. On resume
+from step S, events after S (written by the killed process after its last checkpoint) are cut
+from the old files before training continues, so every reader sees each step exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from pipeline import durable
+
+PREFIX = "events.out.tfevents."
+
+
+def event_files(logdir: Path) -> list[Path]:
+    return sorted(p for p in logdir.glob(PREFIX + "*") if durable.TMP_MARK not in p.name)
+
+
+def truncate_after(logdir: Path, step: int) -> int:
+    """Drop events with a step greater than `step` from every event file; return how many."""
+    dropped = 0
+    for path in event_files(logdir):
+        events = list(EventFileLoader(str(path)).Load())
+        keep = [e for e in events if e.step <= step]
+        if len(keep) == len(events):
+            continue
+        dropped += len(events) - len(keep)
+        durable.write_file(path, lambda tmp, keep=keep: _write_events(tmp, keep))
+    return dropped
+
+
+def _write_events(path: Path, events: list[Event]) -> None:
+    with open(path, "wb") as handle:
+        writer = RecordWriter(handle)
+        for event in events:
+            writer.write(event.SerializeToString())
+        writer.flush()
+
+
+class EventLog:
+    """An append-only event file for one process (one session of a run)."""
+
+    def __init__(self, logdir: Path) -> None:
+        logdir.mkdir(parents=True, exist_ok=True)
+        name = f"{PREFIX}{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+        self.path = logdir / name
+        self._file = open(self.path, "ab")
+        self._writer = RecordWriter(self._file)
+        self._write(Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
+
+    def _write(self, event: Event) -> None:
+        self._writer.write(event.SerializeToString())
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+        self._write(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def session_start(self, step: int) -> None:
+        """Mark where this session starts (TensorBoard shows restarts from these)."""
+        self._write(Event(wall_time=time.time(), step=step,
+                          session_log=SessionLog(status=SessionLog.START)))
+
+    def sync(self) -> None:
+        self._writer.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
