@@ -85,6 +85,8 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig,
                  seed: int, data: Prepared) -> None:
         keras.utils.set_random_seed(seed)
+        # Bit-identical resume needs bit-identical steps: no racing reductions in any kernel.
+        tf.config.experimental.enable_op_determinism()
         self.seed = seed
         self.fit_cfg = fit_cfg
         self.model_name = model_cfg.name
@@ -103,8 +105,18 @@ class Trainer:
         self.correct_sum = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.seen = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.first_bad_step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._train_step = tf.function(self._step, reduce_retracing=True)
-        self._logits = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        # One graph per batch shape, fixed up front: which shape is traced first must not
+        # matter, or a resumed run (starting on the short last batch) would use other kernels
+        # than an uninterrupted one and drift apart in the last bits.
+        batch = fit_cfg.batch_size
+        remainder = self.n_train % batch
+        self._steps = {
+            size: tf.function(self._step, input_signature=[tf.TensorSpec([size], tf.int32)])
+            for size in {min(batch, self.n_train), remainder or batch}
+        }
+        self._logits = tf.function(
+            lambda x: self.model(x, training=False),
+            input_signature=[tf.TensorSpec([None, *self.x_train.shape[1:]], tf.float32)])
 
     def _step(self, indices: tf.Tensor) -> None:
         x = tf.gather(self.x_train, indices)
@@ -126,7 +138,7 @@ class Trainer:
         self.seen.assign_add(tf.size(y, out_type=tf.int64))
 
     def train_step(self, indices: np.ndarray) -> None:
-        self._train_step(tf.constant(indices))
+        self._steps[len(indices)](tf.constant(indices))
 
     def train_metrics(self) -> tuple[float, float]:
         seen = max(int(self.seen.numpy()), 1)
