@@ -63,8 +63,6 @@ class FitConfig:
     batch_size: int = 128
     log_every_steps: int = 50
     early_stopping_patience: int = 0  # epochs without improvement; 0: off
-    augment: bool = False  # random shifts of up to 2 pixels
-    steps_per_call: int = 1  # training steps run inside one compiled call
 
 
 @dataclass
@@ -110,7 +108,6 @@ COMPATIBLE_KEYS = (
     "fit.epochs",
     "fit.log_every_steps",
     "fit.early_stopping_patience",
-    "fit.steps_per_call",
     "checkpoint",
     "evaluate",
     "export",
@@ -181,7 +178,6 @@ def validate(cfg: Config) -> None:
     _check(e, f.log_every_steps >= 1, "fit.log_every_steps", f.log_every_steps, "an integer >= 1")
     _check(e, f.early_stopping_patience >= 0, "fit.early_stopping_patience",
            f.early_stopping_patience, "an integer >= 0 (0 turns it off)")
-    _check(e, f.steps_per_call >= 1, "fit.steps_per_call", f.steps_per_call, "an integer >= 1")
     c = cfg.checkpoint
     _check(e, c.every_steps >= 0, "checkpoint.every_steps", c.every_steps,
            "an integer >= 0 (0 turns step checkpoints off)")

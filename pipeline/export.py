@@ -195,6 +195,7 @@ def run_export(cfg: Config, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir
                       for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+        durable.failpoint("export_before_publish")
 
     version = (versions(model_root) or [0])[-1] + 1
     final = model_root / str(version)

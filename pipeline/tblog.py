@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.record_writer import RecordWriter
@@ -31,20 +31,22 @@ def truncate_after(logdir: Path, step: int) -> int:
     """Drop events with a step greater than `step` from every event file; return how many."""
     dropped = 0
     for path in event_files(logdir):
-        events = list(EventFileLoader(str(path)).Load())
-        keep = [e for e in events if e.step <= step]
-        if len(keep) == len(events):
+        # Raw records, rewritten byte for byte: the non-raw loader would upgrade them to
+        # another summary format on the way.
+        records = list(RawEventFileLoader(str(path)).Load())
+        keep = [r for r in records if Event.FromString(r).step <= step]
+        if len(keep) == len(records):
             continue
-        dropped += len(events) - len(keep)
-        durable.write_file(path, lambda tmp, keep=keep: _write_events(tmp, keep))
+        dropped += len(records) - len(keep)
+        durable.write_file(path, lambda tmp, keep=keep: _write_records(tmp, keep))
     return dropped
 
 
-def _write_events(path: Path, events: list[Event]) -> None:
+def _write_records(path: Path, records: list[bytes]) -> None:
     with open(path, "wb") as handle:
         writer = RecordWriter(handle)
-        for event in events:
-            writer.write(event.SerializeToString())
+        for record in records:
+            writer.write(record)
         writer.flush()
 
 

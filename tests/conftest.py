@@ -1,0 +1,68 @@
+"""Shared helpers: run the real CLI as a subprocess on small slices of real MNIST."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+# A small, fast run: 500 training images of the bundled real-MNIST sample, 10 steps an epoch.
+SMALL = ["data=sample", "data.train_size=600", "data.val_size=100", "data.test_size=200",
+         "fit.batch_size=50", "fit.epochs=3", "checkpoint.every_steps=3", "fit.log_every_steps=2",
+         "export.tflite=false"]
+
+
+def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ...` in `cwd` (so outputs/ lands there) and capture output."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def only_run_dir(outputs: Path) -> Path:
+    runs = [p.parent for p in outputs.glob("*/run.json")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def final_state(run_dir: Path) -> dict[str, np.ndarray]:
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    with np.load(steps[-1] / "state.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def assert_same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    differing = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differing, f"not bit-identical: {differing[:5]}"
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One uninterrupted small CNN run that the crash tests compare against: (run dir, stdout)."""
+    cwd = tmp_path_factory.mktemp("reference")
+    result = cli(["train", *SMALL], cwd)
+    assert result.returncode == 0, result.stderr
+    return only_run_dir(cwd / "outputs"), result.stdout
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    """Steps of a scalar as TensorBoard's own loader sees them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [event.step for event in acc.Scalars(tag)]

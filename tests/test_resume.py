@@ -1,0 +1,163 @@
+"""End to end: the real CLI, killed and interrupted, must end bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (SMALL, assert_same_state, cli, final_state, only_run_dir, scalar_steps,
+                      start)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def checkpoints(outputs: Path) -> list[Path]:
+    return sorted(outputs.glob("*/checkpoints/step-*"))
+
+
+def test_train_runs_every_stage(reference_run: tuple[Path, str]) -> None:
+    run_dir, stdout = reference_run
+    assert "Restored model, accuracy: " in stdout
+    stages = sorted(p.stem for p in (run_dir / "stages").glob("*.json"))
+    assert stages == ["data", "evaluate", "export", "fit", "model"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["checkpoint_step"] == 30 and metrics["test_images"] == 200
+    version = run_dir / "export" / "mnist" / "1"
+    assert (version / "saved_model.pb").is_file() and (version / "model.keras").is_file()
+    assert scalar_steps(run_dir, "train/loss") == list(range(2, 31, 2))
+
+
+def test_rerun_skips_finished_stages(reference_run: tuple[Path, str]) -> None:
+    run_dir, _ = reference_run
+    before = final_state(run_dir)
+    result = cli(["train", *SMALL], run_dir.parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert "fit: done (3 epochs, step 30); skipped" in result.stdout
+    assert "evaluate: done" in result.stdout
+    assert "already holds checkpoint step 30" in result.stdout
+    assert_same_state(before, final_state(run_dir))
+    assert not (run_dir / "export" / "mnist" / "2").exists()
+
+
+def test_kills_inside_checkpoint_writes_resume_bit_identical(
+        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    # Killed right after a checkpoint commit, then inside the next session's third write
+    # (before its rename), then with a plain SIGKILL at an arbitrary moment of fitting.
+    for failpoint in ("dir_after_rename@4", "dir_before_rename@3", "dir_before_manifest@2"):
+        result = cli(["train", *SMALL], tmp_path, env={"PIPELINE_FAILPOINT": failpoint})
+        assert result.returncode == -signal.SIGKILL, (failpoint, result.stderr)
+    proc = start(["train", *SMALL], tmp_path)
+    wait_for(lambda: len(checkpoints(tmp_path / "outputs")) >= 3)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    result = cli(["train", *SMALL], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Fit: resuming from step-" in result.stdout
+    run_dir = only_run_dir(tmp_path / "outputs")
+    assert_same_state(final_state(reference_run[0]), final_state(run_dir))
+    ours = json.loads((run_dir / "metrics.json").read_text())
+    theirs = json.loads((reference_run[0] / "metrics.json").read_text())
+    assert ours["test_loss"] == theirs["test_loss"]
+    assert scalar_steps(run_dir, "train/loss") == scalar_steps(reference_run[0], "train/loss")
+    assert scalar_steps(run_dir, "epoch/val_accuracy") == [10, 20, 30]
+    assert not list(run_dir.rglob("*.tmp-*"))
+
+
+def test_kill_mid_export_publishes_no_partial_version(
+        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    result = cli(["train", *SMALL], tmp_path, env={"PIPELINE_FAILPOINT": "export_before_publish"})
+    assert result.returncode == -signal.SIGKILL
+    run_dir = only_run_dir(tmp_path / "outputs")
+    model_root = run_dir / "export" / "mnist"
+    assert [p.name for p in model_root.iterdir() if not p.name.startswith(".")] == []
+    status = json.loads(cli(["status", "--json"], tmp_path).stdout)[0]
+    assert status["state"] == "interrupted"
+    assert status["stages_done"] == ["data", "model", "fit", "evaluate"]
+    result = cli(["train", *SMALL], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fit: done" in result.stdout
+    assert sorted(p.name for p in model_root.iterdir()) == ["1"]
+    assert_same_state(final_state(reference_run[0]), final_state(run_dir))
+    status = json.loads(cli(["status", "--json"], tmp_path).stdout)[0]
+    assert status["state"] == "done" and "export" in status["stages_done"]
+
+
+def test_sigint_saves_a_checkpoint_and_says_how_to_resume(
+        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    # No periodic checkpoints: the one written on SIGINT is what the resume starts from.
+    args = [*SMALL, "checkpoint.every_steps=0"]
+    proc = start(["train", *args], tmp_path)
+    wait_for(lambda: len(checkpoints(tmp_path / "outputs")) >= 1)  # end of epoch 1
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Interrupted: checkpoint saved at step" in stderr
+    assert "Run the same command again to resume." in stderr
+    assert "Traceback" not in stderr
+    result = cli(["train", *args], tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "outputs")
+    assert_same_state(final_state(reference_run[0]), final_state(run_dir))
+
+
+def test_second_process_on_the_same_run_is_refused(tmp_path: Path) -> None:
+    proc = start(["train", *SMALL], tmp_path)
+    try:
+        wait_for(lambda: any((tmp_path / "outputs").glob("*/run.json")))
+        result = cli(["train", *SMALL], tmp_path)
+        assert result.returncode == 3
+        assert "is in use by pid " + str(proc.pid) in result.stderr
+        assert "Traceback" not in result.stderr
+        status = json.loads(cli(["status", "--json"], tmp_path).stdout)[0]
+        assert status["state"] == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+    status = json.loads(cli(["status", "--json"], tmp_path).stdout)[0]
+    assert status["state"] == "interrupted"  # the kernel dropped the dead process's lock
+
+
+def test_incompatible_change_is_refused_and_restart_starts_over(tmp_path: Path) -> None:
+    base = [*SMALL, "run.name=mine", "fit.epochs=1", "model=mlp"]
+    assert cli(["fit", *base], tmp_path).returncode == 2  # no run yet: fit needs one
+    assert cli(["train", *base], tmp_path).returncode == 0
+    result = cli(["train", *base, "model.dropout=0.5"], tmp_path)
+    assert result.returncode == 2
+    assert "model.dropout: 0.2 -> 0.5" in result.stderr
+    assert "run.restart=true" in result.stderr and "run.name=<new name>" in result.stderr
+    # A compatible change: more epochs continue the same run.
+    result = cli(["train", *base, "fit.epochs=2"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Fit: resuming from step-000000010" in result.stdout
+    assert json.loads((tmp_path / "outputs/mine/metrics.json").read_text())[
+        "checkpoint_step"] == 20
+    result = cli(["train", *base, "model.dropout=0.5", "run.restart=true"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Fit: resuming" not in result.stdout
+
+
+def test_evaluate_best_on_an_existing_run(reference_run: tuple[Path, str]) -> None:
+    run_dir, _ = reference_run
+    result = cli(["evaluate", *SMALL, "evaluate.checkpoint=best"], run_dir.parent.parent)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["checkpoint"] == "best"
+    assert f"Restored model, accuracy: {100 * metrics['test_accuracy']:5.2f}%" in result.stdout
+
+
+@pytest.mark.parametrize("lr", ["1e30"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
+                                                                  lr: str) -> None:
+    result = cli(["train", *SMALL, "model=mlp", f"optimizer.learning_rate={lr}"], tmp_path)
+    assert result.returncode == 1
+    assert "The training loss became NaN or infinite at step " in result.stderr
+    assert "Traceback" not in result.stderr
