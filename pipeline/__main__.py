@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     except PipelineError as exc:
         fail(str(exc), exc.exit_code)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.argv = [str(Path(sys.argv[0]).with_name("pipeline")), f"command={command}", *rest]
+    # Hydra's argparse wants its options before the overrides.
+    options = [a for a in rest if a not in overrides_of(rest)]
+    sys.argv = [str(Path(sys.argv[0]).with_name("pipeline")), *options, f"command={command}",
+                *overrides_of(rest)]
     from pipeline.cli import hydra_main
 
     try:

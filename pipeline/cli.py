@@ -68,7 +68,7 @@ class Stages:
 
         d = self.cfg.data
         done = rundir.stage_record(self.run_dir, "data")
-        self.prepared = prepare(d.name, d.path, d.train_size, d.test_size, d.val_size,
+        self.prepared = prepare(d.name, d.path, d.train_size, d.test_size, d.val_fraction,
                                 d.normalize, self.run_dir / "data")
         if done is None or done["fingerprint"] != self.prepared.fingerprint:
             rundir.finish_stage(self.run_dir, "data", {"fingerprint": self.prepared.fingerprint,

@@ -34,7 +34,7 @@ class DataConfig:
     path: str | None = None  # a Keras-layout .npz, or a directory of IDX files
     train_size: int | None = None  # first N training images; None: all
     test_size: int | None = None  # first N test images; None: all
-    val_size: int = 5000  # held out from the end of the training slice; 0: no validation
+    val_fraction: float = 0.1  # held out from the end of the training slice; 0: none
     normalize: str = "scale"  # scale (x/255) | standardize ((x/255 - mean) / std)
 
 
@@ -153,9 +153,8 @@ def validate(cfg: Config) -> None:
            "an integer >= 1, or null for all")
     _check(e, d.test_size is None or d.test_size >= 1, "data.test_size", d.test_size,
            "an integer >= 1, or null for all")
-    _check(e, d.val_size >= 0, "data.val_size", d.val_size, "an integer >= 0")
-    _check(e, d.train_size is None or d.val_size < d.train_size, "data.val_size", d.val_size,
-           f"must be smaller than data.train_size ({d.train_size})")
+    _check(e, 0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
+           "a number in [0, 1)")
     _check(e, d.normalize in ("scale", "standardize"), "data.normalize", d.normalize,
            "scale or standardize")
     m = cfg.model
@@ -217,11 +216,15 @@ def as_dict(cfg: Config) -> dict[str, Any]:
 def identity(cfg: Config) -> dict[str, Any]:
     """The part of the config that defines what a run trains; it must not change on resume."""
     flat = _flatten(as_dict(cfg))
-    return {
+    ident = {
         key: value
         for key, value in flat.items()
         if not any(key == k or key.startswith(k + ".") for k in COMPATIBLE_KEYS)
     }
+    if cfg.optimizer.schedule != "constant":
+        # A decaying schedule is stretched over all epochs: more epochs, other learning rates.
+        ident["fit.epochs"] = cfg.fit.epochs
+    return ident
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -192,15 +192,12 @@ def load_source(name: str, path: str | None) -> tuple[dict[str, np.ndarray], str
 
 
 def split(arrays: dict[str, np.ndarray], train_size: int | None, test_size: int | None,
-          val_size: int) -> dict[str, np.ndarray]:
-    """First `train_size` training images (the last `val_size` of them held out), first
+          val_fraction: float) -> dict[str, np.ndarray]:
+    """First `train_size` training images (the last `val_fraction` of them held out), first
     `test_size` test images; all as uint8 and int64 labels."""
     x_train = arrays["x_train"][:train_size].astype(np.uint8, copy=False)
     y_train = arrays["y_train"][:train_size].astype(np.int64, copy=False)
-    if val_size >= len(x_train):
-        raise DataError(f"data.val_size={val_size} leaves no training images "
-                        f"(the training slice has {len(x_train)})")
-    cut = len(x_train) - val_size
+    cut = len(x_train) - int(round(len(x_train) * val_fraction))
     return {
         "x_train": x_train[:cut], "y_train": y_train[:cut],
         "x_val": x_train[cut:], "y_val": y_train[cut:],
@@ -219,14 +216,14 @@ def pixel_stats(x_train: np.ndarray) -> tuple[float, float]:
 
 
 def prepare(name: str, path: str | None, train_size: int | None, test_size: int | None,
-            val_size: int, normalize: str, cache_dir: Path) -> Prepared:
+            val_fraction: float, normalize: str, cache_dir: Path) -> Prepared:
     """Load, check, slice and cache the data of one run; reuse the cache when it matches.
 
     A cache made from a source whose content has changed since is refused, not mixed.
     """
     arrays, source_hash, origin = load_source(name, path)
     recipe = {"name": name, "train_size": train_size, "test_size": test_size,
-              "val_size": val_size, "normalize": normalize}
+              "val_fraction": val_fraction, "normalize": normalize}
     if cache_dir.exists():
         meta = _read_cache_meta(cache_dir)
         if meta is not None:
@@ -241,7 +238,7 @@ def prepare(name: str, path: str | None, train_size: int | None, test_size: int 
                     cached = {k: npz[k] for k in SPLITS}
                 log.info("Data: reusing the prepared cache in %s", cache_dir)
                 return Prepared(cached, meta["mean"], meta["std"], meta["fingerprint"], origin)
-    splits = split(arrays, train_size, test_size, val_size)
+    splits = split(arrays, train_size, test_size, val_fraction)
     mean, std = pixel_stats(splits["x_train"]) if normalize == "standardize" else (0.0, 1.0)
     fingerprint = hashlib.sha256(f"{source_hash}:{sorted(recipe.items())}".encode()).hexdigest()
     _write_cache(cache_dir, splits, {"source": origin, "source_sha256": source_hash,

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 # A small, fast run: 500 training images of the bundled real-MNIST sample, 10 steps an epoch.
-SMALL = ["data=sample", "data.train_size=600", "data.val_size=100", "data.test_size=200",
+SMALL = ["data=sample", "data.train_size=600", "data.val_fraction=0.2", "data.test_size=200",
          "fit.batch_size=50", "fit.epochs=3", "checkpoint.every_steps=3", "fit.log_every_steps=2",
          "export.tflite=false"]
 
