@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in IDX_FILES}
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except Exception as exc:  # numpy/zipfile/zlib raise many types for a damaged archive
         raise DataError(f"{path} cannot be read as .npz ({exc}); is it truncated? "
                         "Download it again or point data.path at a good copy") from exc
 
@@ -117,15 +116,17 @@ def check_arrays(arrays: dict[str, np.ndarray], origin: str) -> None:
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 3 or x.shape[1:] != (28, 28):
             raise DataError(f"{origin}: x_{split} has shape {x.shape}; expected N×28×28 images")
-        if x.dtype != np.uint8:
-            if not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255:
-                raise DataError(f"{origin}: x_{split} must hold pixel values 0–255 "
-                                f"(dtype {x.dtype})")
+        if x.dtype != np.uint8 and (
+                not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255
+                or not np.array_equal(x, np.round(x))):
+            raise DataError(f"{origin}: x_{split} must hold whole pixel values 0–255 as MNIST "
+                            f"does (dtype {x.dtype}, range {x.min()}–{x.max()}); images already "
+                            "scaled to [0, 1] must be multiplied by 255 first")
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{origin}: y_{split} has shape {y.shape}; expected {len(x)} labels")
         if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() > 9)):
             bad = y[(y < 0) | (y > 9)][:3] if np.issubdtype(y.dtype, np.number) else y[:3]
-            raise DataError(f"{origin}: y_{split} has labels outside 0–9 (e.g. {list(bad)})")
+            raise DataError(f"{origin}: y_{split} has labels outside 0–9 (e.g. {bad.tolist()})")
 
 
 def hash_files(paths: list[Path]) -> str:
@@ -198,6 +199,9 @@ def split(arrays: dict[str, np.ndarray], train_size: int | None, test_size: int 
     x_train = arrays["x_train"][:train_size].astype(np.uint8, copy=False)
     y_train = arrays["y_train"][:train_size].astype(np.int64, copy=False)
     cut = len(x_train) - int(round(len(x_train) * val_fraction))
+    if cut < 1:
+        raise DataError(f"data.val_fraction={val_fraction} leaves no training images (the "
+                        f"training slice has {len(x_train)}); lower it or raise data.train_size")
     return {
         "x_train": x_train[:cut], "y_train": y_train[:cut],
         "x_val": x_train[cut:], "y_val": y_train[cut:],

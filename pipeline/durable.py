@@ -72,10 +72,18 @@ def _space_message(path: Path, needed: int | None) -> str:
         free = shutil.disk_usage(path if path.is_dir() else path.parent).free
     except OSError:
         free = -1
-    need = f"{needed / 1e6:.1f} MB" if needed else "more space"
-    return f"No space left writing {path}: it needs {need}, {free / 1e6:.1f} MB are free. " \
+    need = _size(needed) if needed else "more space"
+    return f"No space left writing {path}: it needs {need}, {_size(free)} are free. " \
         "Free some disk space (or raise the file-size limit) and run the same command again; " \
         "nothing committed was lost."
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def _dir_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def _translate(exc: OSError, path: Path, needed: int | None) -> Exception:
@@ -113,12 +121,16 @@ def write_bytes(final: Path, data: bytes) -> None:
     write_file(final, lambda tmp: tmp.write_bytes(data), size_hint=len(data))
 
 
-def write_record(final: Path, payload: Any) -> None:
-    """A small JSON record with its own checksum, so a flipped byte is detected on read."""
+def _record_bytes(payload: Any) -> bytes:
     body = json.dumps(payload, sort_keys=True, indent=1)
     digest = hashlib.sha256(body.encode()).hexdigest()
-    write_bytes(final, json.dumps({"sha256": digest, "data": json.loads(body)},
-                                  sort_keys=True, indent=1).encode())
+    return json.dumps({"sha256": digest, "data": json.loads(body)}, sort_keys=True,
+                      indent=1).encode()
+
+
+def write_record(final: Path, payload: Any) -> None:
+    """A small JSON record with its own checksum, so a flipped byte is detected on read."""
+    write_bytes(final, _record_bytes(payload))
 
 
 def read_record(path: Path) -> Any:
@@ -164,28 +176,33 @@ def commit_dir(tmp: Path, final: Path, meta: dict[str, Any] | None = None) -> No
         for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
             fsync_dir(sub)
         failpoint("dir_before_manifest")
-        write_record(tmp / MANIFEST, {"files": files, "meta": meta or {}})
+        # Written in place: the directory is not visible under its final name yet.
+        with open(tmp / MANIFEST, "wb") as handle:
+            handle.write(_record_bytes({"files": files, "meta": meta or {}}))
+            handle.flush()
+            os.fsync(handle.fileno())
         fsync_dir(tmp)
         failpoint("dir_before_rename")
         os.replace(tmp, final)
         failpoint("dir_after_rename")
         fsync_dir(final.parent)
     except OSError as exc:
+        size = _dir_size(tmp) if tmp.exists() else None
         shutil.rmtree(tmp, ignore_errors=True)
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else None
         raise _translate(exc, final, size) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def write_dir(final: Path, fill: Callable[[Path], None], meta: dict[str, Any] | None = None) -> None:
+def write_dir(final: Path, fill: Callable[[Path], None],
+              meta: dict[str, Any] | None = None) -> None:
     """Create `final` atomically: `fill(tmp)` writes the files, then commit_dir publishes them."""
     tmp = temp_dir(final)
     try:
         fill(tmp)
     except OSError as exc:
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        size = _dir_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         raise _translate(exc, final, size or None) from exc
     except BaseException:

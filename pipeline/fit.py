@@ -184,10 +184,11 @@ def canonical_path(var: Any) -> str:
 def _restore_group(group: str, variables: list, arrays: dict[str, np.ndarray]) -> None:
     names = sorted(k for k in arrays if k.startswith(group + "/"))
     if len(names) != len(variables) or any(
-            not name.endswith("/" + canonical_path(var)) for name, var in zip(names, variables)):
+            not name.endswith("/" + canonical_path(var))
+            for name, var in zip(names, variables, strict=True)):
         raise PipelineError(f"The checkpoint's {group} state does not match this config. "
                             "Use run.restart=true to start over.")
-    for name, var in zip(names, variables):
+    for name, var in zip(names, variables, strict=True):
         var.assign(arrays[name])
 
 

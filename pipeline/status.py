@@ -84,7 +84,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                       _fmt(r["step"]), _fmt(r["best_val_accuracy"], True),
                       _fmt(r["test_accuracy"], True), _age(r["checkpoint_age_s"]), r["dir"]))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)
 
 

@@ -1,4 +1,4 @@
-"""End to end: the real CLI, killed and interrupted, must end bit-identical to an uninterrupted run."""
+"""End to end: the real CLI, killed or interrupted, ends bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (SMALL, assert_same_state, cli, final_state, only_run_dir, scalar_steps,
-                      start)
+from conftest import SMALL, assert_same_state, cli, final_state, only_run_dir, scalar_steps, start
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:
