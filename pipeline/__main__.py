@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 USAGE = """usage: python -m pipeline <command> [key=value ...] [hydra options]
@@ -68,6 +69,22 @@ def precheck(command: str, args: list[str]) -> None:
         if command in STAGE_COMMANDS and not multirun and not (run_dir / "run.json").exists():
             fail(f"no run at {run_dir}. Start it with: python -m pipeline train "
                  f"{' '.join(combo)}".rstrip())
+        if not multirun:
+            check_writable(run_dir)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before Hydra starts writing into a directory that cannot take it."""
+    from pipeline.errors import PipelineError
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise PipelineError(f"Cannot write to the run directory {run_dir} ({exc.strerror}). "
+                            "Make it writable, or choose another place with "
+                            "run.outputs=<dir>.") from exc
 
 
 def main(argv: list[str] | None = None) -> None:

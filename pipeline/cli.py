@@ -6,7 +6,6 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +30,30 @@ PLAN = {
 
 
 class StopFlag:
-    """Set by the first SIGINT/SIGTERM; fit checks it after every step. A second signal ends
-    the process at once (the last committed checkpoint is still there)."""
+    """SIGINT/SIGTERM handling. While fit runs (`graceful`), the first signal only sets the flag:
+    fit finishes its step, saves a checkpoint and stops. Elsewhere, and on a second signal, the
+    process stops at once; every write is atomic, so nothing committed is lost either way."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
+        self.signum: int | None = None
+        self.graceful = False
 
     def __call__(self) -> bool:
-        return self.signal_name is not None
+        return self.signum is not None
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: finishing this step and saving a checkpoint "
-              "(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        if self.signum is not None or not self.graceful:
+            self.signum = signum
+            raise Interrupted(f"Interrupted by {name}; every committed file is intact. Run the "
+                              "same command again to resume.")
+        self.signum = signum
+        print(f"\n{name}: finishing this step and saving a checkpoint (press Ctrl-C again to "
+              "quit at once)", file=sys.stderr, flush=True)
 
 
 def write_session(run_dir: Path, state: str, **extra: Any) -> None:
@@ -59,8 +63,8 @@ def write_session(run_dir: Path, state: str, **extra: Any) -> None:
 class Stages:
     """Runs the stages of one command on one run directory, passing plain values along."""
 
-    def __init__(self, cfg: Config, run_dir: Path, should_stop: Callable[[], bool]) -> None:
-        self.cfg, self.run_dir, self.should_stop = cfg, run_dir, should_stop
+    def __init__(self, cfg: Config, run_dir: Path, stop: StopFlag) -> None:
+        self.cfg, self.run_dir, self.stop = cfg, run_dir, stop
         self.prepared: Any = None
 
     def data(self) -> None:
@@ -93,8 +97,12 @@ class Stages:
 
         c = self.cfg
         started = time.monotonic()
-        summary = run_fit(c.model, c.optimizer, c.fit, c.checkpoint, c.seed, self.prepared,
-                          self.run_dir, self.should_stop)
+        self.stop.graceful = True
+        try:
+            summary = run_fit(c.model, c.optimizer, c.fit, c.checkpoint, c.seed, self.prepared,
+                              self.run_dir, self.stop)
+        finally:
+            self.stop.graceful = False
         rundir.finish_stage(self.run_dir, "fit", {
             "epochs": c.fit.epochs, "global_step": summary["global_step"],
             "seconds_this_session": time.monotonic() - started, **summary})
@@ -125,7 +133,7 @@ class Stages:
             rundir.finish_stage(self.run_dir, "export", result)
 
 
-def run_command(cfg: Config, run_dir: Path, should_stop: Callable[[], bool]) -> None:
+def run_command(cfg: Config, run_dir: Path, stop: StopFlag) -> None:
     with rundir.RunLock(run_dir):
         removed = durable.remove_temps(run_dir)
         if removed:
@@ -136,9 +144,12 @@ def run_command(cfg: Config, run_dir: Path, should_stop: Callable[[], bool]) -> 
         rundir.check_identity(run_dir, identity(cfg), as_dict(cfg))
         write_session(run_dir, "running", command=cfg.command)
         log.info("Run directory: %s", run_dir)
-        stages = Stages(cfg, run_dir, should_stop)
+        stages = Stages(cfg, run_dir, stop)
         try:
             for stage in PLAN[cfg.command]:
+                if stop():
+                    raise Interrupted(f"Interrupted before the {stage} stage; run the same "
+                                      "command again to continue.")
                 getattr(stages, stage)()
         except Interrupted as exc:
             write_session(run_dir, "interrupted", command=cfg.command, message=str(exc))
@@ -162,4 +173,11 @@ def hydra_main(dict_cfg: DictConfig) -> None:
     except PipelineError as exc:
         log.debug("failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
+        interrupted = isinstance(exc, Interrupted) and stop.signum is not None
+        sys.exit(128 + stop.signum if interrupted else exc.exit_code)
+    except Exception as exc:  # a bug, not a user mistake: keep the traceback in the log file
+        log.debug("unexpected error", exc_info=True)
+        print(f"error: unexpected {type(exc).__name__}: {exc}\nThe traceback is in "
+              f"{run_dir / 'pipeline.log'}; committed state is intact. Please report it.",
+              file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -195,14 +195,15 @@ def commit_dir(tmp: Path, final: Path, meta: dict[str, Any] | None = None) -> No
         raise
 
 
-def write_dir(final: Path, fill: Callable[[Path], None],
-              meta: dict[str, Any] | None = None) -> None:
-    """Create `final` atomically: `fill(tmp)` writes the files, then commit_dir publishes them."""
+def write_dir(final: Path, fill: Callable[[Path], None], meta: dict[str, Any] | None = None,
+              size_hint: int | None = None) -> None:
+    """Create `final` atomically: `fill(tmp)` writes the files, then commit_dir publishes them.
+    `size_hint` (bytes the files will take) makes a disk-full message exact."""
     tmp = temp_dir(final)
     try:
         fill(tmp)
     except OSError as exc:
-        size = _dir_size(tmp)
+        size = size_hint or _dir_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         raise _translate(exc, final, size or None) from exc
     except BaseException:

@@ -10,6 +10,7 @@ place. A half-written version never carries a version number.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import subprocess
@@ -92,7 +93,14 @@ def write_saved_model(model: keras.Model, path: Path, model_name: str, mean: flo
     archive.track(model)
     for name, (fn, signature) in serving_functions(model, model_name, mean, std).items():
         archive.add_endpoint(name=name, fn=fn, input_signature=signature)
-    archive.write_out(str(path), verbose=False)
+    try:
+        archive.write_out(str(path), verbose=False)
+    except tf.errors.OpError as exc:
+        # TensorFlow's C++ file layer reports a full disk as a status message, not an errno.
+        for text, code in (("No space left", errno.ENOSPC), ("File too large", errno.EFBIG)):
+            if text in str(exc):
+                raise OSError(code, text) from exc
+        raise
 
 
 def write_tflite(saved_model: Path, path: Path) -> None:

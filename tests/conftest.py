@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,21 @@ SMALL = ["data=sample", "data.train_size=600", "data.val_fraction=0.2", "data.te
          "export.tflite=false"]
 
 
-def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline ...` in `cwd` (so outputs/ lands there) and capture output."""
+def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300,
+        max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ...` in `cwd` (so outputs/ lands there) and capture output.
+
+    `max_file_bytes` sets RLIMIT_FSIZE in the child: a write past it fails with EFBIG, the way
+    a full disk fails with ENOSPC.
+    """
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit if max_file_bytes else None)
 
 
 def start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
