@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import (SHARED_MNIST, SMALL, assert_same_state, cli, final_state, only_run_dir,
-                      start)
+from conftest import SHARED_MNIST, SMALL, assert_same_state, cli, final_state, only_run_dir, start
 
 from pipeline import checkpoint, durable
 
