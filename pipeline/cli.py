@@ -89,7 +89,7 @@ class Stages:
 
     def fit(self) -> None:
         done = rundir.stage_record(self.run_dir, "fit")
-        if done and done["epochs"] >= self.cfg.fit.epochs:
+        if done and done["epochs"] >= self.cfg.fit.epochs and self._final_checkpoint_ok(done):
             log.info("fit: done (%d epochs, step %d); skipped", done["epochs"],
                      done["global_step"])
             return
@@ -106,6 +106,14 @@ class Stages:
         rundir.finish_stage(self.run_dir, "fit", {
             "epochs": c.fit.epochs, "global_step": summary["global_step"],
             "seconds_this_session": time.monotonic() - started, **summary})
+
+    def _final_checkpoint_ok(self, done: dict[str, Any]) -> bool:
+        """A finished fit counts only while its last checkpoint verifies; if that one was
+        damaged, fit resumes from the newest good one and recomputes the rest exactly."""
+        from pipeline import checkpoint
+
+        latest = checkpoint.load_latest(self.run_dir / "checkpoints")
+        return latest is not None and latest.step == done["global_step"]
 
     def evaluate(self) -> None:
         from pipeline.evaluate import choose_checkpoint, run_evaluate

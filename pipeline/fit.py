@@ -260,6 +260,11 @@ def run_fit(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig
                  trainer.steps_per_epoch)
     tb_dir = run_dir / "tensorboard"
     tb_dir.mkdir(parents=True, exist_ok=True)
+    if latest is not None:
+        reached = tblog.last_step(tb_dir)
+        if reached > state.global_step:
+            log.info("Fit: the interrupted session had reached step %d; %d steps are redone",
+                     reached, reached - state.global_step)
     dropped = tblog.truncate_after(tb_dir, state.global_step)
     if dropped:
         log.info("TensorBoard: dropped %d events written after the last checkpoint", dropped)
@@ -343,6 +348,7 @@ class _Loop:
         self.events.scalar("train/loss", loss, step)
         self.events.scalar("train/accuracy", acc, step)
         self.events.scalar("train/learning_rate", current_lr(self.t.optimizer), step)
+        self.events.flush()
 
     def _save(self) -> None:
         self._check_finite()

@@ -27,6 +27,13 @@ def event_files(logdir: Path) -> list[Path]:
     return sorted(p for p in logdir.glob(PREFIX + "*") if durable.TMP_MARK not in p.name)
 
 
+def last_step(logdir: Path) -> int:
+    """The highest step any event file records (0 if none)."""
+    steps = [Event.FromString(r).step for path in event_files(logdir)
+             for r in RawEventFileLoader(str(path)).Load()]
+    return max(steps, default=0)
+
+
 def truncate_after(logdir: Path, step: int) -> int:
     """Drop events with a step greater than `step` from every event file; return how many."""
     dropped = 0
@@ -72,6 +79,10 @@ class EventLog:
         """Mark where this session starts (TensorBoard shows restarts from these)."""
         self._write(Event(wall_time=time.time(), step=step,
                           session_log=SessionLog(status=SessionLog.START)))
+
+    def flush(self) -> None:
+        """Hand buffered events to the OS: they survive a killed process (not a power loss)."""
+        self._writer.flush()
 
     def sync(self) -> None:
         self._writer.flush()
