@@ -22,6 +22,7 @@ commands:
   evaluate   score a checkpoint of an existing run on the test set
   export     export an existing run (SavedModel, .keras, .h5, .tflite)
   status     list runs and their stages (status [run.name=NAME] [--json])
+  predict    classify PNGs, .npy arrays or test images with a run's newest export (--help)
 
 examples:
   python -m pipeline train
@@ -53,7 +54,7 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
             key = override.get_key_element()
             choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
         else:
-            choices.append([override.input_line])
+            choices.append([str(override.input_line)])
     return [list(combo) for combo in itertools.product(*choices)]
 
 
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.status import main as status_main
 
         sys.exit(status_main(rest))
+    if command == "predict":
+        from pipeline.predict import main as predict_main
+
+        sys.exit(predict_main(rest))
     from pipeline.config import COMMANDS
 
     if command not in COMMANDS:

@@ -44,7 +44,7 @@ def path_for(root: Path, step: int) -> Path:
 
 def save(root: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     final = path_for(root, step)
-    durable.write_dir(final, lambda tmp: np.savez(tmp / "state.npz", **arrays),
+    durable.write_dir(final, lambda tmp: np.savez(tmp / "state.npz", **arrays),  # type: ignore[arg-type]
                       {**meta, "step": step}, size_hint=sum(a.nbytes for a in arrays.values()))
     return final
 

@@ -181,8 +181,8 @@ def hydra_main(dict_cfg: DictConfig) -> None:
     except PipelineError as exc:
         log.debug("failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        interrupted = isinstance(exc, Interrupted) and stop.signum is not None
-        sys.exit(128 + stop.signum if interrupted else exc.exit_code)
+        signum = stop.signum if isinstance(exc, Interrupted) else None
+        sys.exit(128 + signum if signum is not None else exc.exit_code)
     except Exception as exc:  # a bug, not a user mistake: keep the traceback in the log file
         log.debug("unexpected error", exc_info=True)
         print(f"error: unexpected {type(exc).__name__}: {exc}\nThe traceback is in "

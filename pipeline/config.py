@@ -200,7 +200,7 @@ def to_config(cfg: DictConfig) -> Config:
         cfg = copy.deepcopy(cfg)
         with open_dict(cfg):
             del cfg["hydra"]
-    unknown = sorted(set(cfg.keys()) - {f.name for f in fields(Config)})
+    unknown = sorted(str(k) for k in set(cfg.keys()) - {f.name for f in fields(Config)})
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a config key. See: python -m pipeline train "
                           "--cfg job")

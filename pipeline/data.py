@@ -266,7 +266,8 @@ def _read_cache_meta(cache_dir: Path) -> dict | None:
 def _write_cache(cache_dir: Path, splits: dict[str, np.ndarray], meta: dict) -> None:
     if cache_dir.exists():
         durable.set_aside(cache_dir)
-    durable.write_dir(cache_dir, lambda tmp: np.savez(tmp / "prepared.npz", **splits), meta,
+    durable.write_dir(cache_dir, lambda tmp: np.savez(tmp / "prepared.npz", **splits),  # type: ignore[arg-type]
+                      meta,
                       size_hint=sum(a.nbytes for a in splits.values()))
 
 

@@ -95,7 +95,8 @@ def _translate(exc: OSError, path: Path, needed: int | None) -> Exception:
     return exc
 
 
-def write_file(final: Path, write: Callable[[Path], None], size_hint: int | None = None) -> None:
+def write_file(final: Path, write: Callable[[Path], object],
+               size_hint: int | None = None) -> None:
     """Commit a file written by `write(temp_path)` to `final` atomically and durably."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
@@ -244,7 +245,7 @@ def set_aside(path: Path) -> Path:
 
 def remove_temps(directory: Path) -> list[Path]:
     """Delete temporary files and directories left by killed writes under `directory`."""
-    removed = []
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for path in sorted(directory.rglob(f"*{TMP_MARK}*"), reverse=True):

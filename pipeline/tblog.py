@@ -8,6 +8,7 @@ from the old files before training continues, so every reader sees each step exa
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -45,7 +46,7 @@ def truncate_after(logdir: Path, step: int) -> int:
         if len(keep) == len(records):
             continue
         dropped += len(records) - len(keep)
-        durable.write_file(path, lambda tmp, keep=keep: _write_records(tmp, keep))
+        durable.write_file(path, functools.partial(_write_records, records=keep))
     return dropped
 
 
