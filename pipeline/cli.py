@@ -137,7 +137,9 @@ class Stages:
         if metrics and metrics["checkpoint_step"] != ckpt.step:
             metrics = None
         result = run_export(self.cfg, self.prepared, ckpt, self.run_dir, metrics)
-        if not result.get("skipped"):
+        done = rundir.stage_record(self.run_dir, "export")
+        if done is None or done["checkpoint_step"] != ckpt.step:
+            # Also when the version was already published and only this record was lost.
             rundir.finish_stage(self.run_dir, "export", result)
 
 
