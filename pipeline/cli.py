@@ -25,7 +25,7 @@ PLAN = {
     "data": ("data",),
     "fit": ("data", "model", "fit"),
     "evaluate": ("data", "evaluate"),
-    "export": ("data", "export"),
+    "export": ("data", "evaluate", "export"),  # a version always carries its test metrics
 }
 
 

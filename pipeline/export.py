@@ -90,7 +90,6 @@ def serving_functions(model: keras.Model, model_name: str, mean: float, std: flo
 def write_saved_model(model: keras.Model, path: Path, model_name: str, mean: float,
                       std: float) -> None:
     archive = keras.export.ExportArchive()
-    archive.track(model)
     for name, (fn, signature) in serving_functions(model, model_name, mean, std).items():
         archive.add_endpoint(name=name, fn=fn, input_signature=signature)
     try:
@@ -145,10 +144,17 @@ def verify(fmt: str, path: Path, images: np.ndarray, expected: np.ndarray, model
 
 
 def git_commit() -> str | None:
+    """The source commit (with `-dirty` for uncommitted changes), if this package runs from
+    its own git checkout; None for an installed copy."""
+    checkout = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5, check=True)
-        return out.stdout.strip()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, cwd=checkout, timeout=5, check=True).stdout.strip()
+        if Path(top).resolve() != checkout:
+            return None
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
+                              capture_output=True, text=True, cwd=checkout, timeout=5,
+                              check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -162,11 +168,15 @@ def run_export(cfg: Config, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir
         log.info("Export: %s already holds checkpoint step %d", existing, ckpt.step)
         return {"path": str(existing), "checkpoint_step": ckpt.step, "skipped": True}
     accuracy = (metrics or {}).get("test_accuracy")
-    if cfg.export.min_accuracy is not None and (accuracy is None
-                                                or accuracy < cfg.export.min_accuracy):
-        raise ExportVerificationError(
-            f"Not exported: test accuracy {accuracy} is below export.min_accuracy="
-            f"{cfg.export.min_accuracy}. Train longer or lower the threshold.")
+    if cfg.export.min_accuracy is not None:
+        if accuracy is None:
+            raise ExportVerificationError(
+                f"Not exported: checkpoint step {ckpt.step} has no test metrics to compare with "
+                f"export.min_accuracy={cfg.export.min_accuracy}; run the evaluate stage first.")
+        if accuracy < cfg.export.min_accuracy:
+            raise ExportVerificationError(
+                f"Not exported: test accuracy {accuracy:.4f} is below export.min_accuracy="
+                f"{cfg.export.min_accuracy}. Train longer or lower the threshold.")
     steps_per_epoch = -(-len(data.arrays["y_train"]) // cfg.fit.batch_size)
     optimizer = make_optimizer(cfg.optimizer, steps_per_epoch, cfg.fit.epochs)
     model = restore_training_model(cfg.model, optimizer, ckpt.arrays)
