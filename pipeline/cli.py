@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipeline import durable, rundir
-from pipeline.config import Config, as_dict, identity, to_config, validate
+from pipeline.config import Config, as_dict, identity, schema_defaults, to_config, validate
 from pipeline.errors import Interrupted, PipelineError
 
 log = logging.getLogger("pipeline")
@@ -151,7 +151,7 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag) -> None:
         if cfg.run.restart:
             log.info("run.restart=true: discarding the previous state of %s", run_dir)
             rundir.restart(run_dir)
-        rundir.check_identity(run_dir, identity(cfg), as_dict(cfg))
+        rundir.check_identity(run_dir, identity(cfg), as_dict(cfg), schema_defaults())
         write_session(run_dir, "running", command=cfg.command)
         log.info("Run directory: %s", run_dir)
         stages = Stages(cfg, run_dir, stop)

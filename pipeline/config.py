@@ -44,8 +44,9 @@ class ModelConfig:
     hidden_units: int = 512
     dropout: float = 0.2
     filters: list[int] = field(default_factory=lambda: [32, 64])
-    dense_units: int = 128
+    dense_units: int = 128  # cnn: hidden dense layer width; 0: none
     batch_norm: bool = False
+    padding: str = "same"  # cnn convolutions: same | valid
 
 
 @dataclass
@@ -163,7 +164,9 @@ def validate(cfg: Config) -> None:
     _check(e, 0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")
     _check(e, len(m.filters) >= 1 and all(f >= 1 for f in m.filters), "model.filters",
            list(m.filters), "a non-empty list of integers >= 1")
-    _check(e, m.dense_units >= 1, "model.dense_units", m.dense_units, "an integer >= 1")
+    _check(e, m.dense_units >= 0, "model.dense_units", m.dense_units,
+           "an integer >= 0 (0: no hidden dense layer)")
+    _check(e, m.padding in ("same", "valid"), "model.padding", m.padding, "same or valid")
     o = cfg.optimizer
     _check(e, o.name in ("adam", "sgd"), "optimizer.name", o.name, "adam or sgd")
     _check(e, o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
@@ -225,6 +228,11 @@ def identity(cfg: Config) -> dict[str, Any]:
         # A decaying schedule is stretched over all epochs: more epochs, other learning rates.
         ident["fit.epochs"] = cfg.fit.epochs
     return ident
+
+
+def schema_defaults() -> dict[str, Any]:
+    """Every key's default in the schema, flattened (`model.dropout` -> 0.2)."""
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))  # type: ignore[arg-type]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

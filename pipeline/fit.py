@@ -77,6 +77,7 @@ class LoopState:
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0  # wall time spent in this loop, over all sessions
 
 
 class Trainer:
@@ -291,6 +292,20 @@ class _Loop:
         self.data, self.ckpt_root, self.events, self.should_stop = data, ckpt_root, events, \
             should_stop
         self.last_save_time = time.monotonic()
+        self.clock = time.monotonic()
+        self.first_step_logged = False
+
+    def _log_first_step(self) -> None:
+        if not self.first_step_logged:
+            # scripts/benchmark.py reads this line's timestamp (resume latency).
+            log.debug("Fit: first step of this session done (step %d)", self.s.global_step + 1)
+            self.first_step_logged = True
+
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to the run's training time."""
+        now = time.monotonic()
+        self.s.train_seconds += now - self.clock
+        self.clock = now
 
     def run(self) -> None:
         t, s, cfg = self.t, self.s, self.fit_cfg
@@ -303,6 +318,8 @@ class _Loop:
             while s.step_in_epoch < t.steps_per_epoch:
                 start = s.step_in_epoch * cfg.batch_size
                 t.train_step(order[start:start + cfg.batch_size])
+                if not self.first_step_logged:
+                    self._log_first_step()
                 s.step_in_epoch += 1
                 s.global_step += 1
                 progress.update(s.step_in_epoch, t)
@@ -355,6 +372,7 @@ class _Loop:
         s = self.s
         if s.global_step in checkpoint.committed_steps(self.ckpt_root):
             return
+        self._tick()
         self.events.sync()  # every event up to this step is durable before the commit
         meta = {"loop": s.__dict__, "epoch": s.epoch, "global_step": s.global_step,
                 "data_fingerprint": self.data.fingerprint, "time": time.time()}
@@ -366,8 +384,9 @@ class _Loop:
         t, s = self.t, self.s
         self._check_finite()
         train_loss, train_acc = t.train_metrics()
+        self._tick()
         row = {"epoch": s.epoch + 1, "step": s.global_step, "loss": train_loss,
-               "accuracy": train_acc}
+               "accuracy": train_acc, "train_seconds": s.train_seconds}
         self.events.scalar("epoch/train_loss", train_loss, s.global_step)
         self.events.scalar("epoch/train_accuracy", train_acc, s.global_step)
         if len(self.data.arrays["y_val"]):

@@ -16,7 +16,7 @@ def build_model(cfg: ModelConfig) -> keras.Model:
     else:
         x = inputs
         for i, filters in enumerate(cfg.filters):
-            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not cfg.batch_norm,
+            x = keras.layers.Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
                                     name=f"conv{i}")(x)
             if cfg.batch_norm:
                 # momentum 0.9: the moving statistics must be usable after a few hundred steps.
@@ -24,7 +24,8 @@ def build_model(cfg: ModelConfig) -> keras.Model:
             x = keras.layers.Activation("relu", name=f"relu{i}")(x)
             x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
         x = keras.layers.Flatten(name="flatten")(x)
-        x = keras.layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
+        if cfg.dense_units:
+            x = keras.layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
         x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
     outputs = keras.layers.Dense(10, name="logits")(x)
     return keras.Model(inputs, outputs, name=cfg.name)

@@ -104,8 +104,12 @@ def restart(run_dir: Path) -> None:
             path.unlink()
 
 
-def check_identity(run_dir: Path, identity: dict[str, Any], full_config: dict[str, Any]) -> None:
-    """Record the run's identity on first use; refuse a different one later."""
+def check_identity(run_dir: Path, identity: dict[str, Any], full_config: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> None:
+    """Record the run's identity on first use; refuse a different one later.
+
+    A key the run's record does not have (added to the schema since) matches its default value.
+    """
     record_path = run_dir / "run.json"
     if not record_path.exists():
         durable.write_record(record_path, {"identity": identity, "config": full_config,
@@ -116,6 +120,7 @@ def check_identity(run_dir: Path, identity: dict[str, Any], full_config: dict[st
     except (durable.CorruptArtifact, KeyError, TypeError) as exc:
         raise PipelineError(f"{record_path} is damaged ({exc}), so this run's config cannot be "
                             "checked. Restore it, or start over with run.restart=true") from exc
+    stored = {**{k: v for k, v in (defaults or {}).items() if k in identity}, **stored}
     diffs = [f"{key}: {stored.get(key, '<unset>')!r} -> {identity.get(key, '<unset>')!r}"
              for key in sorted(set(stored) | set(identity)) if stored.get(key) != identity.get(key)]
     if diffs:

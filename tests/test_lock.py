@@ -219,3 +219,12 @@ def test_restart_removes_artifacts_but_keeps_logs(tmp_path: Path) -> None:
     with rundir.RunLock(tmp_path):
         rundir.restart(tmp_path)
         assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", ".lock", "pipeline.log"]
+
+
+def test_check_identity_accepts_keys_added_to_the_schema_at_their_default(tmp_path: Path) -> None:
+    rundir.check_identity(tmp_path, {"model.name": "cnn"}, {})
+    defaults = {"model.name": "???", "model.padding": "same"}
+    rundir.check_identity(tmp_path, {"model.name": "cnn", "model.padding": "same"}, {}, defaults)
+    with pytest.raises(ConfigError, match=r"model.padding: 'same' -> 'valid'"):
+        rundir.check_identity(tmp_path, {"model.name": "cnn", "model.padding": "valid"}, {},
+                              defaults)
