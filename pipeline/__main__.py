@@ -23,6 +23,7 @@ commands:
   export     export an existing run (SavedModel, .keras, .h5, .tflite)
   status     list runs and their stages (status [run.name=NAME] [--json])
   predict    classify PNGs, .npy arrays or test images with a run's newest export (--help)
+  report     write a run's report.html (report [run.name=NAME] [run.outputs=DIR])
 
 examples:
   python -m pipeline train
@@ -102,10 +103,15 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.predict import main as predict_main
 
         sys.exit(predict_main(rest))
+    if command == "report":
+        from pipeline.report import main as report_main
+
+        sys.exit(report_main(rest))
     from pipeline.config import COMMANDS
 
     if command not in COMMANDS:
-        fail(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}, status. "
+        fail(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}, status, predict, "
+             "report. "
              "Example: python -m pipeline train fit.epochs=3")
     from pipeline.errors import PipelineError
 

@@ -143,6 +143,16 @@ class Stages:
             rundir.finish_stage(self.run_dir, "export", result)
 
 
+def write_report(run_dir: Path) -> None:
+    """Keep report.html current; a report that cannot be written does not fail the run."""
+    from pipeline.report import write_report as write
+
+    try:
+        log.info("Report: %s", write(run_dir))
+    except (PipelineError, OSError) as exc:
+        log.warning("Could not write the run report: %s", exc)
+
+
 def run_command(cfg: Config, run_dir: Path, stop: StopFlag) -> None:
     with rundir.RunLock(run_dir):
         removed = durable.remove_temps(run_dir)
@@ -161,6 +171,8 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag) -> None:
                     raise Interrupted(f"Interrupted before the {stage} stage; run the same "
                                       "command again to continue.")
                 getattr(stages, stage)()
+            if cfg.command in ("train", "evaluate", "export"):
+                write_report(run_dir)
         except Interrupted as exc:
             write_session(run_dir, "interrupted", command=cfg.command, message=str(exc))
             raise

@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline import checkpoint, durable
 from pipeline.config import ModelConfig
-from pipeline.data import Prepared
+from pipeline.data import INPUT_SHAPES, Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import evaluate_logits, restore_model
 from pipeline.model import build_model
@@ -41,12 +42,28 @@ def run_evaluate(model_cfg: ModelConfig, data: Prepared, ckpt: checkpoint.Checkp
     model = build_model(model_cfg)
     restore_model(model, ckpt.arrays)
     logits = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    loss, accuracy = evaluate_logits(logits, data.arrays["x_test"], data.arrays["y_test"],
+    # --- run visuals: keep each batch's logits (no second pass) for record_evaluation below.
+    batches: list[np.ndarray] = []
+
+    def kept_logits(x: tf.Tensor) -> tf.Tensor:
+        out = logits(x)
+        batches.append(out.numpy())
+        return out
+
+    loss, accuracy = evaluate_logits(kept_logits, data.arrays["x_test"], data.arrays["y_test"],
                                      model_cfg.name, (data.mean, data.std))
     print(f"Restored model, accuracy: {100 * accuracy:5.2f}%", flush=True)
     metrics = {"test_loss": loss, "test_accuracy": accuracy, "checkpoint": which,
                "checkpoint_step": ckpt.step, "test_images": int(len(data.arrays["y_test"])),
                "data_fingerprint": data.fingerprint}
+    # --- run visuals: predictions.npz and TensorBoard images, hparams, graph (pipeline/report.py)
+    from pipeline import report
+
+    report.record_evaluation(
+        run_dir, ckpt.step, which, data.arrays["y_test"],
+        np.concatenate(batches) if batches else np.zeros((0, 10), np.float32),
+        data.arrays["x_test"], metrics,
+        graph_def=report.model_graph_def(model, INPUT_SHAPES[model_cfg.name]))
     durable.write_bytes(run_dir / "metrics.json", _json(metrics))
     log.info("Evaluate: step %d (%s), test loss %.4f, test accuracy %.4f", ckpt.step, which,
              loss, accuracy)

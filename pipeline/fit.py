@@ -294,6 +294,7 @@ class _Loop:
         self.last_save_time = time.monotonic()
         self.clock = time.monotonic()
         self.first_step_logged = False
+        self.epoch_clock = (time.monotonic(), state.global_step)
 
     def _log_first_step(self) -> None:
         if not self.first_step_logged:
@@ -389,6 +390,10 @@ class _Loop:
                "accuracy": train_acc, "train_seconds": s.train_seconds}
         self.events.scalar("epoch/train_loss", train_loss, s.global_step)
         self.events.scalar("epoch/train_accuracy", train_acc, s.global_step)
+        started, first_step = self.epoch_clock
+        if s.global_step > first_step:
+            self.events.scalar("epoch/steps_per_second", (s.global_step - first_step) /
+                               max(time.monotonic() - started, 1e-9), s.global_step)
         if len(self.data.arrays["y_val"]):
             val_loss, val_acc = t.evaluate(self.data.arrays["x_val"], self.data.arrays["y_val"])
             row.update(val_loss=val_loss, val_accuracy=val_acc)
@@ -412,3 +417,4 @@ class _Loop:
         s.step_in_epoch = 0
         t.reset_metrics()
         self._save()
+        self.epoch_clock = (time.monotonic(), s.global_step)

@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError, PipelineError, RunLocked
 STAGES = ("data", "model", "fit", "evaluate", "export")
 # What run.restart=true removes; Hydra's .hydra/ and the log stay, so history is not lost.
 ARTIFACTS = ("run.json", "stages", "data", "checkpoints", "tensorboard", "metrics.json",
-             "export", "model_summary.txt")
+             "export", "model_summary.txt", "predictions.npz", "report.html")
 
 
 class RunLock:

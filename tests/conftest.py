@@ -29,6 +29,7 @@ def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
 
     def limit() -> None:
+        assert max_file_bytes is not None
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
