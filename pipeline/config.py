@@ -47,6 +47,7 @@ class ModelConfig:
     dense_units: int = 128  # cnn: hidden dense layer width; 0: none
     batch_norm: bool = False
     padding: str = "same"  # cnn convolutions: same | valid
+    convs_per_block: int = 1  # cnn: convolutions before each pooling
 
 
 @dataclass
@@ -64,6 +65,7 @@ class FitConfig:
     batch_size: int = 128
     log_every_steps: int = 50
     early_stopping_patience: int = 0  # epochs without improvement; 0: off
+    augment_shift: int = 0  # random shifts of training images by up to N pixels; 0: off
 
 
 @dataclass
@@ -167,6 +169,8 @@ def validate(cfg: Config) -> None:
     _check(e, m.dense_units >= 0, "model.dense_units", m.dense_units,
            "an integer >= 0 (0: no hidden dense layer)")
     _check(e, m.padding in ("same", "valid"), "model.padding", m.padding, "same or valid")
+    _check(e, m.convs_per_block in (1, 2, 3), "model.convs_per_block", m.convs_per_block,
+           "1, 2 or 3")
     o = cfg.optimizer
     _check(e, o.name in ("adam", "sgd"), "optimizer.name", o.name, "adam or sgd")
     _check(e, o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
@@ -178,6 +182,8 @@ def validate(cfg: Config) -> None:
     _check(e, f.epochs >= 1, "fit.epochs", f.epochs, "an integer >= 1")
     _check(e, f.batch_size >= 1, "fit.batch_size", f.batch_size, "an integer >= 1")
     _check(e, f.log_every_steps >= 1, "fit.log_every_steps", f.log_every_steps, "an integer >= 1")
+    _check(e, 0 <= f.augment_shift <= 8, "fit.augment_shift", f.augment_shift,
+           "an integer from 0 to 8 (pixels)")
     _check(e, f.early_stopping_patience >= 0, "fit.early_stopping_patience",
            f.early_stopping_patience, "an integer >= 0 (0 turns it off)")
     c = cfg.checkpoint

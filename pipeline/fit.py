@@ -41,6 +41,25 @@ def permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
 
 
+def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor:
+    """Shift each image by its own random offset of up to `max_shift` pixels (zero fill).
+
+    The offsets are a pure function of `seed` (the run's seed and the step number), so an
+    augmented run needs no RNG state to resume exactly.
+    """
+    flat = len(images.shape) == 2
+    x = tf.reshape(images, (-1, 28, 28, 1)) if flat else images
+    pad = max_shift
+    x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    offsets = tf.random.stateless_uniform((tf.shape(x)[0], 2), seed=seed, minval=0,
+                                          maxval=2 * pad + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(28)[None, :]
+    cols = offsets[:, 1:] + tf.range(28)[None, :]
+    x = tf.gather(x, rows, axis=1, batch_dims=1)
+    x = tf.gather(x, cols, axis=2, batch_dims=1)
+    return tf.reshape(x, (-1, 784)) if flat else x
+
+
 def make_optimizer(cfg: OptimizerConfig, steps_per_epoch: int,
                    epochs: int) -> keras.optimizers.Optimizer:
     total = steps_per_epoch * epochs
@@ -122,6 +141,10 @@ class Trainer:
     def _step(self, indices: tf.Tensor) -> None:
         x = tf.gather(self.x_train, indices)
         y = tf.gather(self.y_train, indices)
+        if self.fit_cfg.augment_shift:
+            x = random_shift(x, self.fit_cfg.augment_shift,
+                             tf.stack([tf.constant(self.seed, tf.int64),
+                                       tf.cast(self.optimizer.iterations, tf.int64)]))
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
             losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
