@@ -160,3 +160,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert result.returncode == 1
     assert "The training loss became NaN or infinite at step " in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_augmented_mlp_resumes_bit_identical(tmp_path: Path) -> None:
+    # Random shifts and dropout: every random choice must come back exactly after a kill.
+    args = [*SMALL, "model=mlp", "fit.augment_shift=2"]
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    assert cli(["train", *args], reference_dir).returncode == 0
+    result = cli(["train", *args], tmp_path, env={"PIPELINE_FAILPOINT": "dir_after_rename@5"})
+    assert result.returncode == -signal.SIGKILL
+    result = cli(["train", *args], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Fit: resuming from step-000000010" in result.stdout
+    assert_same_state(final_state(only_run_dir(reference_dir / "outputs")),
+                      final_state(only_run_dir(tmp_path / "outputs")))
