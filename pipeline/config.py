@@ -55,8 +55,9 @@ class OptimizerConfig:
     name: str = "adam"  # adam | sgd
     learning_rate: float = 1e-3
     momentum: float = 0.9  # sgd only
-    schedule: str = "constant"  # constant | cosine | onecycle
+    schedule: str = "constant"  # constant | cosine | onecycle | restarts
     warmup_epochs: float = 0.0
+    cycle_epochs: float = 3.0  # restarts: length of the first cosine cycle; each next is 2x
 
 
 @dataclass
@@ -175,8 +176,9 @@ def validate(cfg: Config) -> None:
     _check(e, o.name in ("adam", "sgd"), "optimizer.name", o.name, "adam or sgd")
     _check(e, o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
     _check(e, 0.0 <= o.momentum < 1.0, "optimizer.momentum", o.momentum, "a number in [0, 1)")
-    _check(e, o.schedule in ("constant", "cosine", "onecycle"), "optimizer.schedule",
-           o.schedule, "constant, cosine or onecycle")
+    _check(e, o.schedule in ("constant", "cosine", "onecycle", "restarts"),
+           "optimizer.schedule", o.schedule, "constant, cosine, onecycle or restarts")
+    _check(e, o.cycle_epochs > 0, "optimizer.cycle_epochs", o.cycle_epochs, "a number > 0")
     _check(e, o.warmup_epochs >= 0, "optimizer.warmup_epochs", o.warmup_epochs, "a number >= 0")
     f = cfg.fit
     _check(e, f.epochs >= 1, "fit.epochs", f.epochs, "an integer >= 1")

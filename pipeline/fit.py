@@ -69,6 +69,12 @@ def make_optimizer(cfg: OptimizerConfig, steps_per_epoch: int,
         lr = keras.optimizers.schedules.CosineDecay(
             0.0 if warmup else cfg.learning_rate, max(total - warmup, 1), alpha=0.0,
             warmup_target=cfg.learning_rate if warmup else None, warmup_steps=warmup)
+    elif cfg.schedule == "restarts":
+        # Cosine cycles of cycle_epochs, 2x, 4x, ...: each cycle ends annealed, so the model is
+        # good early (end of the first cycle) and keeps improving in the longer ones.
+        lr = keras.optimizers.schedules.CosineDecayRestarts(
+            cfg.learning_rate, max(int(cfg.cycle_epochs * steps_per_epoch), 1), t_mul=2.0,
+            m_mul=1.0, alpha=0.0)
     elif cfg.schedule == "onecycle":
         lr = keras.optimizers.schedules.CosineDecay(
             cfg.learning_rate / 25, max(total - max(warmup, 1), 1), alpha=0.0,
