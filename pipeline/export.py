@@ -14,10 +14,12 @@ import errno
 import json
 import logging
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
 import keras
+from absl import logging as absl_logging
 import numpy as np
 import tensorflow as tf
 
@@ -28,6 +30,10 @@ from pipeline.errors import PipelineError
 from pipeline.fit import make_optimizer, restore_training_model
 
 log = logging.getLogger(__name__)
+# The TFLite interpreter still ships with TF 2.21; its deprecation notice is noise for users.
+warnings.filterwarnings("ignore", message=r".*tf\.lite\.Interpreter is deprecated")
+# Keras logs a "legacy format" notice through absl for every .h5 save; HDF5 is asked for here.
+absl_logging.set_verbosity(absl_logging.ERROR)
 VERIFY_IMAGES = 256
 TOLERANCE = {"saved_model": 1e-5, "keras": 1e-5, "h5": 1e-5, "tflite": 1e-4}
 

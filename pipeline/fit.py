@@ -439,8 +439,8 @@ class _Loop:
         if patience and s.epochs_without_improvement >= patience:
             s.stopped_early = True
             log.info("Fit: early stop, no improvement for %d epochs", patience)
-        log.info("Epoch %d: %s", s.epoch + 1,
-                 ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "step")))
+        log.info("Epoch %d: %s", s.epoch + 1, ", ".join(
+            f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds")))
         s.history.append(row)
         s.epoch += 1
         s.step_in_epoch = 0
