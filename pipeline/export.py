@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import keras
-from absl import logging as absl_logging
 import numpy as np
 import tensorflow as tf
+from absl import logging as absl_logging
 
 from pipeline import checkpoint, durable
 from pipeline.config import Config

@@ -582,26 +582,16 @@ def main(args: list[str]) -> int:
     """`python -m pipeline report [run.name=NAME] [run.outputs=DIR]`: write report.html of one
     run, or of every run under run.outputs."""
     from pipeline.errors import PipelineError
+    from pipeline.rundir import select_runs
 
-    options = dict(a.split("=", 1) for a in args if "=" in a)
-    unknown = [a for a in args if "=" not in a]
-    unknown += [k for k in options if k not in ("run.name", "run.outputs")]
-    if unknown:
-        print(f"error: report takes run.name=NAME and run.outputs=DIR, not {unknown[0]}",
-              file=sys.stderr)
+    try:
+        run_dirs = select_runs("report", args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if not run_dirs:
+        print("error: no runs yet. Start one with: python -m pipeline train", file=sys.stderr)
         return 2
-    outputs = Path(options.get("run.outputs", "outputs"))
-    if "run.name" in options:
-        run_dirs = [outputs / options["run.name"]]
-        if not (run_dirs[0] / "run.json").exists():
-            print(f"error: no run at {run_dirs[0]}", file=sys.stderr)
-            return 2
-    else:
-        run_dirs = sorted(p.parent for p in outputs.glob("*/run.json"))
-        if not run_dirs:
-            print(f"error: no runs under {outputs}/. Start one with: python -m pipeline train",
-                  file=sys.stderr)
-            return 2
     for run_dir in run_dirs:
         try:
             print(f"Report: {write_report(run_dir)}")

@@ -73,6 +73,25 @@ class RunLock:
         self.release()
 
 
+def select_runs(command: str, args: list[str], flags: tuple[str, ...] = ()) -> list[Path]:
+    """The run directories a read-only command (`status`, `report`) is about: the one named by
+    `run.name=`, else every run under `run.outputs=` (default `outputs`)."""
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = [a for a in args if "=" not in a and a not in flags]
+    unknown += [k for k in options if k not in ("run.name", "run.outputs")]
+    if unknown:
+        allowed = ["run.name=NAME", "run.outputs=DIR", *flags]
+        raise ConfigError(f"{command} takes {', '.join(allowed[:-1])} and {allowed[-1]}, "
+                          f"not {unknown[0]}")
+    outputs = Path(options.get("run.outputs", "outputs"))
+    if "run.name" not in options:
+        return sorted(p.parent for p in outputs.glob("*/run.json"))
+    run_dir = outputs / options["run.name"]
+    if not (run_dir / "run.json").exists():
+        raise ConfigError(f"no run at {run_dir}")
+    return [run_dir]
+
+
 def lock_holder(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text() or "null")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint, durable, rundir
+from pipeline.errors import ConfigError
 
 
 def _record(path: Path) -> dict[str, Any] | None:
@@ -89,29 +90,19 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(args: list[str]) -> int:
-    options = dict(a.split("=", 1) for a in args if "=" in a)
-    unknown = [a for a in args if "=" not in a and a != "--json"]
-    unknown += [k for k in options if k not in ("run.name", "run.outputs")]
-    if unknown:
-        print(f"error: status takes run.name=NAME, run.outputs=DIR and --json, not {unknown[0]}",
-              file=sys.stderr)
-        return 2
-    outputs = Path(options.get("run.outputs", "outputs"))
-    if "run.name" in options:
-        run_dirs = [outputs / options["run.name"]]
-        if not (run_dirs[0] / "run.json").exists():
-            print(f"error: no run at {run_dirs[0]}", file=sys.stderr)
-            return 2
-    else:
-        run_dirs = sorted(p.parent for p in outputs.glob("*/run.json"))
+    try:
+        run_dirs = rundir.select_runs("status", args, flags=("--json",))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     rows = [describe(d) for d in run_dirs]
     if "--json" in args:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        print(f"No runs under {outputs}/ yet. Start one with: python -m pipeline train")
+        print("No runs yet. Start one with: python -m pipeline train")
     else:
         print(table(rows))
-        if "run.name" in options:
+        if any(a.startswith("run.name=") for a in args):
             row = rows[0]
             print(f"\nlatest checkpoint: {row['latest_checkpoint'] or '-'}")
             print(f"disk usage: {row['disk_bytes'] / 1e6:.1f} MB")
