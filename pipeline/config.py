@@ -232,8 +232,8 @@ def identity(cfg: Config) -> dict[str, Any]:
         for key, value in flat.items()
         if not any(key == k or key.startswith(k + ".") for k in COMPATIBLE_KEYS)
     }
-    if cfg.optimizer.schedule != "constant":
-        # A decaying schedule is stretched over all epochs: more epochs, other learning rates.
+    if cfg.optimizer.schedule in ("cosine", "onecycle"):
+        # These schedules are stretched over all epochs: more epochs, other learning rates.
         ident["fit.epochs"] = cfg.fit.epochs
     return ident
 
