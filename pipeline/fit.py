@@ -414,9 +414,8 @@ class _Loop:
         t, s = self.t, self.s
         self._check_finite()
         train_loss, train_acc = t.train_metrics()
-        self._tick()
         row = {"epoch": s.epoch + 1, "step": s.global_step, "loss": train_loss,
-               "accuracy": train_acc, "train_seconds": s.train_seconds}
+               "accuracy": train_acc}
         self.events.scalar("epoch/train_loss", train_loss, s.global_step)
         self.events.scalar("epoch/train_accuracy", train_acc, s.global_step)
         started, first_step = self.epoch_clock
@@ -431,6 +430,8 @@ class _Loop:
             improved = s.best_value is None or val_acc > s.best_value
         else:
             val_acc, improved = train_acc, True  # no validation split: the newest is the best
+        self._tick()
+        row["train_seconds"] = s.train_seconds  # training and validation up to here
         if improved:
             s.best_value, s.best_step, s.epochs_without_improvement = val_acc, s.global_step, 0
         else:
