@@ -11,6 +11,8 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline import durable, rundir
@@ -29,6 +31,11 @@ PLAN = {
 }
 
 
+class JobFailed(CompactHydraException):
+    """A failed job of a multirun. Raised (not sys.exit) so Hydra finishes the other jobs of the
+    sweep first; Hydra then prints this one line and exits with code 1."""
+
+
 class StopFlag:
     """SIGINT/SIGTERM handling. While fit runs (`graceful`), the first signal only sets the flag:
     fit finishes its step, saves a checkpoint and stops. Elsewhere, and on a second signal, the
@@ -37,6 +44,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.graceful = False
+        self.requeue: dict[int, Any] = {}  # submitit's handlers, when running under it
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -44,6 +52,19 @@ class StopFlag:
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
+        # submitit (hydra/launcher=submitit_*) signals SIGUSR2 (or SUBMITIT_PREEMPT_SIGNAL,
+        # e.g. USR1) before the time limit: save a checkpoint first, then let submitit requeue
+        # the job (see hand_over).
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                self.requeue[signum] = previous
+                signal.signal(signum, self._handle)
+
+    def hand_over(self) -> None:
+        """After a graceful stop on submitit's signal, call its handler: it requeues the job."""
+        if self.signum in self.requeue:
+            self.requeue[self.signum](self.signum, None)
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
@@ -63,8 +84,9 @@ def write_session(run_dir: Path, state: str, **extra: Any) -> None:
 class Stages:
     """Runs the stages of one command on one run directory, passing plain values along."""
 
-    def __init__(self, cfg: Config, run_dir: Path, stop: StopFlag) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -> None:
         self.cfg, self.run_dir, self.stop = cfg, run_dir, stop
+        self.scale = scale  # distribute.ScaleOut under strategy=mirrored|multi_worker
         self.prepared: Any = None
 
     def data(self) -> None:
@@ -89,7 +111,9 @@ class Stages:
 
     def fit(self) -> None:
         done = rundir.stage_record(self.run_dir, "fit")
-        if done and done["epochs"] >= self.cfg.fit.epochs and self._final_checkpoint_ok(done):
+        # Under a strategy every worker enters fit (it holds collectives), even when done.
+        if (done and self.scale is None and done["epochs"] >= self.cfg.fit.epochs
+                and self._final_checkpoint_ok(done)):
             log.info("fit: done (%d epochs, step %d); skipped", done["epochs"],
                      done["global_step"])
             return
@@ -100,7 +124,7 @@ class Stages:
         self.stop.graceful = True
         try:
             summary = run_fit(c.model, c.optimizer, c.fit, c.checkpoint, c.seed, self.prepared,
-                              self.run_dir, self.stop)
+                              self.run_dir, self.stop, self.scale)
         finally:
             self.stop.graceful = False
         rundir.finish_stage(self.run_dir, "fit", {
@@ -153,7 +177,14 @@ def write_report(run_dir: Path) -> None:
         log.warning("Could not write the run report: %s", exc)
 
 
-def run_command(cfg: Config, run_dir: Path, stop: StopFlag) -> None:
+def plan(command: str, scale: Any) -> tuple[str, ...]:
+    """The stages to run; a non-chief worker only prepares data and trains (in its scratch)."""
+    if scale is None or scale.worker.is_chief:
+        return PLAN[command]
+    return tuple(s for s in PLAN[command] if s in ("data", "fit"))
+
+
+def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -> None:
     with rundir.RunLock(run_dir):
         removed = durable.remove_temps(run_dir)
         if removed:
@@ -164,15 +195,13 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag) -> None:
         rundir.check_identity(run_dir, identity(cfg), as_dict(cfg), schema_defaults())
         write_session(run_dir, "running", command=cfg.command)
         log.info("Run directory: %s", run_dir)
-        stages = Stages(cfg, run_dir, stop)
+        stages = Stages(cfg, run_dir, stop, scale)
         try:
-            for stage in PLAN[cfg.command]:
+            for stage in plan(cfg.command, scale):
                 if stop():
                     raise Interrupted(f"Interrupted before the {stage} stage; run the same "
                                       "command again to continue.")
                 getattr(stages, stage)()
-            if cfg.command in ("train", "evaluate", "export"):
-                write_report(run_dir)
         except Interrupted as exc:
             write_session(run_dir, "interrupted", command=cfg.command, message=str(exc))
             raise
@@ -181,6 +210,9 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag) -> None:
             raise
         write_session(run_dir, "done" if cfg.command == "train" else "stage-done",
                       command=cfg.command)
+        if cfg.command in ("train", "evaluate", "export") and "evaluate" in plan(
+                cfg.command, scale):
+            write_report(run_dir)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -188,18 +220,42 @@ def hydra_main(dict_cfg: DictConfig) -> None:
     cfg = to_config(dict_cfg)
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     stop = StopFlag()
     stop.install()
+    scale = None
     try:
-        run_command(cfg, run_dir, stop)
+        scale = set_up_strategy(cfg, run_dir)
+        run_command(cfg, scale.work_dir if scale else run_dir, stop, scale)
     except PipelineError as exc:
         log.debug("failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        signum = stop.signum if isinstance(exc, Interrupted) else None
-        sys.exit(128 + signum if signum is not None else exc.exit_code)
+        if isinstance(exc, Interrupted):
+            stop.hand_over()
+            sys.exit(128 + stop.signum if stop.signum is not None else exc.exit_code)
+        fail_job(run_dir, multirun, str(exc), exc.exit_code)
     except Exception as exc:  # a bug, not a user mistake: keep the traceback in the log file
         log.debug("unexpected error", exc_info=True)
         print(f"error: unexpected {type(exc).__name__}: {exc}\nThe traceback is in "
               f"{run_dir / 'pipeline.log'}; committed state is intact. Please report it.",
               file=sys.stderr, flush=True)
-        sys.exit(1)
+        fail_job(run_dir, multirun, f"unexpected {type(exc).__name__}: {exc}", 1)
+    finally:
+        if scale is not None:
+            scale.cleanup()
+
+
+def set_up_strategy(cfg: Config, run_dir: Path) -> Any:
+    """None for strategy=default (the single-device loop, untouched); else a ScaleOut."""
+    if cfg.strategy.name == "default":
+        return None
+    from pipeline import distribute
+
+    return distribute.setup(cfg.strategy.name, cfg.strategy.cluster, run_dir)
+
+
+def fail_job(run_dir: Path, multirun: bool, message: str, code: int) -> None:
+    """Exit with `code`; in a multirun, raise instead so the sweep's other jobs still run."""
+    if multirun:
+        raise JobFailed(f"error: run {run_dir} failed: {message}")
+    sys.exit(code)

@@ -90,6 +90,12 @@ class ExportConfig:
 
 
 @dataclass
+class StrategyConfig:
+    name: str = "default"  # default | mirrored | multi_worker (README: Scaling out)
+    cluster: str = "auto"  # multi_worker: auto | tf_config | slurm
+
+
+@dataclass
 class Config:
     command: str = "train"
     seed: int = 0
@@ -101,6 +107,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
 
 # Keys a user may change on an existing run without starting a new one: they do not change what
@@ -115,6 +122,7 @@ COMPATIBLE_KEYS = (
     "checkpoint",
     "evaluate",
     "export",
+    "strategy",
 )
 
 
@@ -201,6 +209,11 @@ def validate(cfg: Config) -> None:
            x.model_name, "letters, digits, '.', '_' or '-'")
     _check(e, x.min_accuracy is None or 0.0 <= x.min_accuracy <= 1.0, "export.min_accuracy",
            x.min_accuracy, "a number in [0, 1], or null for off")
+    s = cfg.strategy
+    _check(e, s.name in ("default", "mirrored", "multi_worker"), "strategy.name", s.name,
+           "default, mirrored or multi_worker (choose with strategy=...)")
+    _check(e, s.cluster in ("auto", "tf_config", "slurm"), "strategy.cluster", s.cluster,
+           "auto, tf_config or slurm")
     if e:
         raise ConfigError(e[0])
 

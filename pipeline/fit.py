@@ -274,12 +274,21 @@ class Progress:
 
 def run_fit(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig,
             ckpt_cfg: CheckpointConfig, seed: int, data: Prepared, run_dir: Path,
-            should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-    """Train to `fit_cfg.epochs`, resuming from the newest good checkpoint; return a summary."""
-    trainer = Trainer(model_cfg, opt_cfg, fit_cfg, seed, data)
+            should_stop: Callable[[], bool] = lambda: False,
+            scale: Any = None) -> dict[str, Any]:
+    """Train to `fit_cfg.epochs`, resuming from the newest good checkpoint; return a summary.
+
+    `scale` (a distribute.ScaleOut, or None for one device) trains under a tf.distribute
+    strategy; `run_dir` is then where this worker writes, and it restores from the chief's.
+    """
+    if scale is None:
+        trainer = Trainer(model_cfg, opt_cfg, fit_cfg, seed, data)
+    else:
+        trainer = scale.trainer(model_cfg, opt_cfg, fit_cfg, seed, data)
+        should_stop = scale.stop_flag(trainer, should_stop)
     ckpt_root = run_dir / "checkpoints"
     state = LoopState()
-    latest = checkpoint.load_latest(ckpt_root)
+    latest = checkpoint.load_latest(ckpt_root) if scale is None else scale.load_latest(trainer)
     if latest is not None:
         trainer.restore(latest.arrays)
         state = LoopState(**latest.meta["loop"])

@@ -1,9 +1,11 @@
 """`python -m pipeline status [run.name=NAME] [run.outputs=DIR] [--json]`: what every run is
-doing, read from the run directories alone (no TensorFlow, no Hydra run)."""
+doing, read from the run directories alone (no TensorFlow, no Hydra run). Runs are listed best
+validation accuracy first, so a sweep reads as a leaderboard."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,9 @@ def _record(path: Path) -> dict[str, Any] | None:
 
 def run_state(run_dir: Path) -> str:
     if rundir.is_running(run_dir):
-        return "running"
+        holder = rundir.lock_holder(run_dir / ".lock") or {}
+        if holder.get("pid") != os.getpid():  # the holder's own report shows its session state
+            return "running"
     session = _record(run_dir / "session.json") or {}
     state = session.get("state", "new")
     # A session that says "running" while nobody holds the lock was killed.
@@ -57,6 +61,13 @@ def describe(run_dir: Path) -> dict[str, Any]:
         "resumes": loop.get("resumes", []),
         "disk_bytes": sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()),
     }
+
+
+def by_monitored_metric(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best validation accuracy first (the metric fit monitors for the best checkpoint); runs
+    without one last, by name."""
+    return sorted(rows, key=lambda r: (r["best_val_accuracy"] is None,
+                                       -(r["best_val_accuracy"] or 0.0), r["name"]))
 
 
 def _fmt(value: Any, pct: bool = False) -> str:
@@ -95,7 +106,7 @@ def main(args: list[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    rows = [describe(d) for d in run_dirs]
+    rows = by_monitored_metric([describe(d) for d in run_dirs])
     if "--json" in args:
         print(json.dumps(rows, indent=2))
     elif not rows:

@@ -21,8 +21,9 @@ from pipeline import durable
 SAVED_MODEL_CLI = Path(sys.executable).with_name("saved_model_cli")
 # A small run that classifies well (about 96% on its 300 test images), with every export format
 # (TFLite included). Trained once per session and shared with test_predict.py.
+# Keras' plain Adam and no augmentation: the default recipe is tuned for 21 epochs of full MNIST.
 GOOD = ["data=sample", "data.train_size=3000", "data.test_size=300", "fit.batch_size=50",
-        "fit.epochs=2", "checkpoint.every_steps=0"]
+        "fit.epochs=2", "checkpoint.every_steps=0", "optimizer=adam", "fit.augment_shift=0"]
 
 
 def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -23,7 +23,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(
         tmp_path: Path, reference_run: tuple[Path, str]) -> None:
     assert cli(["train", *SMALL, "fit.epochs=1"], tmp_path).returncode == 0
     run_dir = only_run_dir(tmp_path / "outputs")
-    result = cli(["train", *SMALL], tmp_path, max_file_bytes=2_000_000)
+    result = cli(["train", *SMALL], tmp_path, max_file_bytes=1_000_000)
     assert result.returncode == 1, result.stderr
     needed = sum(a.nbytes for a in final_state(run_dir).values()) / 1e6
     assert (f"error: No space left writing {run_dir}/checkpoints/step-000000012: it needs "

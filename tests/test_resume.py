@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -34,10 +35,11 @@ def test_train_runs_every_stage(reference_run: tuple[Path, str]) -> None:
     assert scalar_steps(run_dir, "train/loss") == list(range(2, 31, 2))
 
 
-def test_rerun_skips_finished_stages(reference_run: tuple[Path, str]) -> None:
-    run_dir, _ = reference_run
+def test_rerun_skips_finished_stages(tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    run_dir = tmp_path / "outputs" / reference_run[0].name
+    shutil.copytree(reference_run[0], run_dir)  # the shared reference run stays as it is
     before = final_state(run_dir)
-    result = cli(["train", *SMALL], run_dir.parent.parent)
+    result = cli(["train", *SMALL], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "fit: done (3 epochs, step 30); skipped" in result.stdout
     assert "evaluate: done" in result.stdout
@@ -144,9 +146,11 @@ def test_incompatible_change_is_refused_and_restart_starts_over(tmp_path: Path) 
     assert "Fit: resuming" not in result.stdout
 
 
-def test_evaluate_best_on_an_existing_run(reference_run: tuple[Path, str]) -> None:
-    run_dir, _ = reference_run
-    result = cli(["evaluate", *SMALL, "evaluate.checkpoint=best"], run_dir.parent.parent)
+def test_evaluate_best_on_an_existing_run(tmp_path: Path,
+                                         reference_run: tuple[Path, str]) -> None:
+    run_dir = tmp_path / "outputs" / reference_run[0].name
+    shutil.copytree(reference_run[0], run_dir)  # the shared reference run stays as it is
+    result = cli(["evaluate", *SMALL, "evaluate.checkpoint=best"], tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["checkpoint"] == "best"
