@@ -175,8 +175,9 @@ def test_evaluating_again_replaces_instead_of_duplicating(reference_run: tuple[P
                                                           tmp_path: Path) -> None:
     run_dir = copy_run(reference_run[0], tmp_path / "outputs")
     before = raw(run_dir / "tensorboard")
-    step = json.loads((run_dir / "metrics.json").read_text())["checkpoint_step"]
-    # A different `evaluate.checkpoint` makes evaluate run again (best is the latest here).
+    latest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    step = durable.verify_dir(latest)["loop"]["best_step"]
+    # A different `evaluate.checkpoint` makes evaluate run again, on the best checkpoint.
     result = cli(["evaluate", *SMALL, "evaluate.checkpoint=best"], tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -184,6 +185,11 @@ def test_evaluating_again_replaces_instead_of_duplicating(reference_run: tuple[P
     after = raw(run_dir / "tensorboard")
     for tag in (*report.EVALUATE_TAGS, *report.HPARAMS_TAGS):
         assert len(tagged(before, tag)) == 1, tag
+    # One evaluation per evaluated checkpoint step (an earlier step's stays, as history); one
+    # set of hparams for the run.
+    for tag in report.EVALUATE_TAGS:
+        assert len([e for e in tagged(after, tag) if e.step == step]) == 1, tag
+    for tag in report.HPARAMS_TAGS:
         assert len(tagged(after, tag)) == 1, tag
     assert sum(bool(e.graph_def) for e in after) == 1
     # Training events are untouched.
@@ -191,7 +197,13 @@ def test_evaluating_again_replaces_instead_of_duplicating(reference_run: tuple[P
         [e.step for e in tagged(before, "train/loss")]
     acc = accumulator(run_dir / "tensorboard")
     assert hparams_dict(start_info(acc))["evaluate.checkpoint"] == "best"
-    assert [i.step for i in acc.Images(report.TAG_CONFUSION)] == [step]
+    assert step in [i.step for i in acc.Images(report.TAG_CONFUSION)]
+    # Back to the latest checkpoint: its evaluation is replaced, not duplicated.
+    latest_step = durable.verify_dir(latest)["step"]
+    assert cli(["evaluate", *SMALL], tmp_path).returncode == 0
+    again = raw(run_dir / "tensorboard")
+    for tag in report.EVALUATE_TAGS:
+        assert len([e for e in tagged(again, tag) if e.step == latest_step]) == 1, tag
     assert not [p for p in run_dir.rglob(f"*{durable.TMP_MARK}*")]
 
 
