@@ -69,8 +69,10 @@ def precheck(command: str, args: list[str]) -> None:
     for combo in combos[:256]:
         run_dir = compose_and_check([f"command={command}", *combo])
         if command in STAGE_COMMANDS and not multirun and not (run_dir / "run.json").exists():
-            fail(f"no run at {run_dir}. Start it with: python -m pipeline train "
-                 f"{' '.join(combo)}".rstrip())
+            fail(
+                f"no run at {run_dir}. Start it with: python -m pipeline train "
+                f"{' '.join(combo)}".rstrip()
+            )
         if not multirun:
             check_writable(run_dir)
 
@@ -84,9 +86,11 @@ def check_writable(run_dir: Path) -> None:
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as exc:
-        raise PipelineError(f"Cannot write to the run directory {run_dir} ({exc.strerror}). "
-                            "Make it writable, or choose another place with "
-                            "run.outputs=<dir>.") from exc
+        raise PipelineError(
+            f"Cannot write to the run directory {run_dir} ({exc.strerror}). "
+            "Make it writable, or choose another place with "
+            "run.outputs=<dir>."
+        ) from exc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.config import COMMANDS
 
     if command not in COMMANDS:
-        fail(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}, status, predict, "
-             "report. "
-             "Example: python -m pipeline train fit.epochs=3")
+        fail(
+            f"unknown command {command!r}; use one of {', '.join(COMMANDS)}, status, predict, "
+            "report. "
+            "Example: python -m pipeline train fit.epochs=3"
+        )
     from pipeline.errors import PipelineError
 
     help_only = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in rest)
@@ -124,15 +130,22 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Hydra's argparse wants its options before the overrides.
     options = [a for a in rest if a not in overrides_of(rest)]
-    sys.argv = [str(Path(sys.argv[0]).with_name("pipeline")), *options, f"command={command}",
-                *overrides_of(rest)]
+    sys.argv = [
+        str(Path(sys.argv[0]).with_name("pipeline")),
+        *options,
+        f"command={command}",
+        *overrides_of(rest),
+    ]
     from pipeline.cli import hydra_main
 
     try:
         hydra_main()
     except KeyboardInterrupt:
-        fail("interrupted at once; the last committed checkpoint is kept. Run the same "
-             "command again to resume.", 130)
+        fail(
+            "interrupted at once; the last committed checkpoint is kept. Run the same "
+            "command again to resume.",
+            130,
+        )
 
 
 if __name__ == "__main__":

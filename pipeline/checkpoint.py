@@ -44,8 +44,12 @@ def path_for(root: Path, step: int) -> Path:
 
 def save(root: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     final = path_for(root, step)
-    durable.write_dir(final, lambda tmp: np.savez(tmp / "state.npz", **arrays),  # type: ignore[arg-type]
-                      {**meta, "step": step}, size_hint=sum(a.nbytes for a in arrays.values()))
+    durable.write_dir(
+        final,
+        lambda tmp: np.savez(tmp / "state.npz", **arrays),  # type: ignore[arg-type]
+        {**meta, "step": step},
+        size_hint=sum(a.nbytes for a in arrays.values()),
+    )
     return final
 
 
@@ -71,8 +75,13 @@ def load_latest(root: Path, only_step: int | None = None) -> Checkpoint | None:
             return load(path)
         except durable.CorruptArtifact as exc:
             moved = durable.set_aside(path)
-            log.warning("Checkpoint %s failed verification: %s. Set aside as %s; trying the "
-                        "next older one.", path, exc, moved.name)
+            log.warning(
+                "Checkpoint %s failed verification: %s. Set aside as %s; trying the "
+                "next older one.",
+                path,
+                exc,
+                moved.name,
+            )
     if steps:
         log.warning("No checkpoint under %s verified; starting this stage over.", root)
     return None

@@ -70,11 +70,17 @@ class StopFlag:
         name = signal.Signals(signum).name
         if self.signum is not None or not self.graceful:
             self.signum = signum
-            raise Interrupted(f"Interrupted by {name}; every committed file is intact. Run the "
-                              "same command again to resume.")
+            raise Interrupted(
+                f"Interrupted by {name}; every committed file is intact. Run the "
+                "same command again to resume."
+            )
         self.signum = signum
-        print(f"\n{name}: finishing this step and saving a checkpoint (press Ctrl-C again to "
-              "quit at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{name}: finishing this step and saving a checkpoint (press Ctrl-C again to "
+            "quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def write_session(run_dir: Path, state: str, **extra: Any) -> None:
@@ -94,11 +100,21 @@ class Stages:
 
         d = self.cfg.data
         done = rundir.stage_record(self.run_dir, "data")
-        self.prepared = prepare(d.name, d.path, d.train_size, d.test_size, d.val_fraction,
-                                d.normalize, self.run_dir / "data")
+        self.prepared = prepare(
+            d.name,
+            d.path,
+            d.train_size,
+            d.test_size,
+            d.val_fraction,
+            d.normalize,
+            self.run_dir / "data",
+        )
         if done is None or done["fingerprint"] != self.prepared.fingerprint:
-            rundir.finish_stage(self.run_dir, "data", {"fingerprint": self.prepared.fingerprint,
-                                                       "source": self.prepared.source})
+            rundir.finish_stage(
+                self.run_dir,
+                "data",
+                {"fingerprint": self.prepared.fingerprint, "source": self.prepared.source},
+            )
 
     def model(self) -> None:
         if rundir.stage_record(self.run_dir, "model"):
@@ -112,10 +128,13 @@ class Stages:
     def fit(self) -> None:
         done = rundir.stage_record(self.run_dir, "fit")
         # Under a strategy every worker enters fit (it holds collectives), even when done.
-        if (done and self.scale is None and done["epochs"] >= self.cfg.fit.epochs
-                and self._final_checkpoint_ok(done)):
-            log.info("fit: done (%d epochs, step %d); skipped", done["epochs"],
-                     done["global_step"])
+        if (
+            done
+            and self.scale is None
+            and done["epochs"] >= self.cfg.fit.epochs
+            and self._final_checkpoint_ok(done)
+        ):
+            log.info("fit: done (%d epochs, step %d); skipped", done["epochs"], done["global_step"])
             return
         from pipeline.fit import run_fit
 
@@ -123,13 +142,29 @@ class Stages:
         started = time.monotonic()
         self.stop.graceful = True
         try:
-            summary = run_fit(c.model, c.optimizer, c.fit, c.checkpoint, c.seed, self.prepared,
-                              self.run_dir, self.stop, self.scale)
+            summary = run_fit(
+                c.model,
+                c.optimizer,
+                c.fit,
+                c.checkpoint,
+                c.seed,
+                self.prepared,
+                self.run_dir,
+                self.stop,
+                self.scale,
+            )
         finally:
             self.stop.graceful = False
-        rundir.finish_stage(self.run_dir, "fit", {
-            "epochs": c.fit.epochs, "global_step": summary["global_step"],
-            "seconds_this_session": time.monotonic() - started, **summary})
+        rundir.finish_stage(
+            self.run_dir,
+            "fit",
+            {
+                "epochs": c.fit.epochs,
+                "global_step": summary["global_step"],
+                "seconds_this_session": time.monotonic() - started,
+                **summary,
+            },
+        )
 
     def _final_checkpoint_ok(self, done: dict[str, Any]) -> bool:
         """A finished fit counts only while its last checkpoint verifies; if that one was
@@ -146,8 +181,11 @@ class Stages:
         ckpt = choose_checkpoint(self.run_dir / "checkpoints", which)
         done = rundir.stage_record(self.run_dir, "evaluate")
         if done and done["checkpoint_step"] == ckpt.step and done["checkpoint"] == which:
-            log.info("evaluate: done (step %d, test accuracy %.2f%%); skipped", ckpt.step,
-                     100 * done["test_accuracy"])
+            log.info(
+                "evaluate: done (step %d, test accuracy %.2f%%); skipped",
+                ckpt.step,
+                100 * done["test_accuracy"],
+            )
             return
         metrics = run_evaluate(self.cfg.model, self.prepared, ckpt, self.run_dir, which)
         rundir.finish_stage(self.run_dir, "evaluate", metrics)
@@ -199,8 +237,10 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -
         try:
             for stage in plan(cfg.command, scale):
                 if stop():
-                    raise Interrupted(f"Interrupted before the {stage} stage; run the same "
-                                      "command again to continue.")
+                    raise Interrupted(
+                        f"Interrupted before the {stage} stage; run the same "
+                        "command again to continue."
+                    )
                 getattr(stages, stage)()
         except Interrupted as exc:
             write_session(run_dir, "interrupted", command=cfg.command, message=str(exc))
@@ -208,10 +248,12 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -
         except PipelineError as exc:
             write_session(run_dir, "failed", command=cfg.command, message=str(exc))
             raise
-        write_session(run_dir, "done" if cfg.command == "train" else "stage-done",
-                      command=cfg.command)
+        write_session(
+            run_dir, "done" if cfg.command == "train" else "stage-done", command=cfg.command
+        )
         if cfg.command in ("train", "evaluate", "export") and "evaluate" in plan(
-                cfg.command, scale):
+            cfg.command, scale
+        ):
             write_report(run_dir)
 
 
@@ -236,9 +278,12 @@ def hydra_main(dict_cfg: DictConfig) -> None:
         fail_job(run_dir, multirun, str(exc), exc.exit_code)
     except Exception as exc:  # a bug, not a user mistake: keep the traceback in the log file
         log.debug("unexpected error", exc_info=True)
-        print(f"error: unexpected {type(exc).__name__}: {exc}\nThe traceback is in "
-              f"{run_dir / 'pipeline.log'}; committed state is intact. Please report it.",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc}\nThe traceback is in "
+            f"{run_dir / 'pipeline.log'}; committed state is intact. Please report it.",
+            file=sys.stderr,
+            flush=True,
+        )
         fail_job(run_dir, multirun, f"unexpected {type(exc).__name__}: {exc}", 1)
     finally:
         if scale is not None:

@@ -159,61 +159,143 @@ def validate(cfg: Config) -> None:
     _check(e, cfg.command in COMMANDS, "command", cfg.command, f"one of {', '.join(COMMANDS)}")
     _check(e, cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     d = cfg.data
-    _check(e, d.name in ("mnist", "fashion_mnist", "sample"), "data.name", d.name,
-           "mnist, fashion_mnist or sample (choose with data=...)")
-    _check(e, d.train_size is None or d.train_size >= 1, "data.train_size", d.train_size,
-           "an integer >= 1, or null for all")
-    _check(e, d.test_size is None or d.test_size >= 1, "data.test_size", d.test_size,
-           "an integer >= 1, or null for all")
-    _check(e, 0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
-           "a number in [0, 1)")
-    _check(e, d.normalize in ("scale", "standardize"), "data.normalize", d.normalize,
-           "scale or standardize")
+    _check(
+        e,
+        d.name in ("mnist", "fashion_mnist", "sample"),
+        "data.name",
+        d.name,
+        "mnist, fashion_mnist or sample (choose with data=...)",
+    )
+    _check(
+        e,
+        d.train_size is None or d.train_size >= 1,
+        "data.train_size",
+        d.train_size,
+        "an integer >= 1, or null for all",
+    )
+    _check(
+        e,
+        d.test_size is None or d.test_size >= 1,
+        "data.test_size",
+        d.test_size,
+        "an integer >= 1, or null for all",
+    )
+    _check(
+        e, 0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in [0, 1)"
+    )
+    _check(
+        e,
+        d.normalize in ("scale", "standardize"),
+        "data.normalize",
+        d.normalize,
+        "scale or standardize",
+    )
     m = cfg.model
     _check(e, m.name in ("mlp", "cnn"), "model.name", m.name, "mlp or cnn (choose with model=...)")
     _check(e, m.hidden_units >= 1, "model.hidden_units", m.hidden_units, "an integer >= 1")
     _check(e, 0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")
-    _check(e, len(m.filters) >= 1 and all(f >= 1 for f in m.filters), "model.filters",
-           list(m.filters), "a non-empty list of integers >= 1")
-    _check(e, m.dense_units >= 0, "model.dense_units", m.dense_units,
-           "an integer >= 0 (0: no hidden dense layer)")
+    _check(
+        e,
+        len(m.filters) >= 1 and all(f >= 1 for f in m.filters),
+        "model.filters",
+        list(m.filters),
+        "a non-empty list of integers >= 1",
+    )
+    _check(
+        e,
+        m.dense_units >= 0,
+        "model.dense_units",
+        m.dense_units,
+        "an integer >= 0 (0: no hidden dense layer)",
+    )
     _check(e, m.padding in ("same", "valid"), "model.padding", m.padding, "same or valid")
-    _check(e, m.convs_per_block in (1, 2, 3), "model.convs_per_block", m.convs_per_block,
-           "1, 2 or 3")
+    _check(
+        e, m.convs_per_block in (1, 2, 3), "model.convs_per_block", m.convs_per_block, "1, 2 or 3"
+    )
     o = cfg.optimizer
     _check(e, o.name in ("adam", "sgd"), "optimizer.name", o.name, "adam or sgd")
     _check(e, o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
     _check(e, 0.0 <= o.momentum < 1.0, "optimizer.momentum", o.momentum, "a number in [0, 1)")
-    _check(e, o.schedule in ("constant", "cosine", "onecycle", "restarts"),
-           "optimizer.schedule", o.schedule, "constant, cosine, onecycle or restarts")
+    _check(
+        e,
+        o.schedule in ("constant", "cosine", "onecycle", "restarts"),
+        "optimizer.schedule",
+        o.schedule,
+        "constant, cosine, onecycle or restarts",
+    )
     _check(e, o.cycle_epochs > 0, "optimizer.cycle_epochs", o.cycle_epochs, "a number > 0")
     _check(e, o.warmup_epochs >= 0, "optimizer.warmup_epochs", o.warmup_epochs, "a number >= 0")
     f = cfg.fit
     _check(e, f.epochs >= 1, "fit.epochs", f.epochs, "an integer >= 1")
     _check(e, f.batch_size >= 1, "fit.batch_size", f.batch_size, "an integer >= 1")
     _check(e, f.log_every_steps >= 1, "fit.log_every_steps", f.log_every_steps, "an integer >= 1")
-    _check(e, 0 <= f.augment_shift <= 8, "fit.augment_shift", f.augment_shift,
-           "an integer from 0 to 8 (pixels)")
-    _check(e, f.early_stopping_patience >= 0, "fit.early_stopping_patience",
-           f.early_stopping_patience, "an integer >= 0 (0 turns it off)")
+    _check(
+        e,
+        0 <= f.augment_shift <= 8,
+        "fit.augment_shift",
+        f.augment_shift,
+        "an integer from 0 to 8 (pixels)",
+    )
+    _check(
+        e,
+        f.early_stopping_patience >= 0,
+        "fit.early_stopping_patience",
+        f.early_stopping_patience,
+        "an integer >= 0 (0 turns it off)",
+    )
     c = cfg.checkpoint
-    _check(e, c.every_steps >= 0, "checkpoint.every_steps", c.every_steps,
-           "an integer >= 0 (0 turns step checkpoints off)")
-    _check(e, c.every_seconds >= 0, "checkpoint.every_seconds", c.every_seconds,
-           "a number >= 0 (0 turns timed checkpoints off)")
+    _check(
+        e,
+        c.every_steps >= 0,
+        "checkpoint.every_steps",
+        c.every_steps,
+        "an integer >= 0 (0 turns step checkpoints off)",
+    )
+    _check(
+        e,
+        c.every_seconds >= 0,
+        "checkpoint.every_seconds",
+        c.every_seconds,
+        "a number >= 0 (0 turns timed checkpoints off)",
+    )
     _check(e, c.keep >= 1, "checkpoint.keep", c.keep, "an integer >= 1")
-    _check(e, cfg.evaluate.checkpoint in ("latest", "best"), "evaluate.checkpoint",
-           cfg.evaluate.checkpoint, "latest or best")
+    _check(
+        e,
+        cfg.evaluate.checkpoint in ("latest", "best"),
+        "evaluate.checkpoint",
+        cfg.evaluate.checkpoint,
+        "latest or best",
+    )
     x = cfg.export
-    _check(e, bool(re.fullmatch(r"[A-Za-z0-9_.-]+", x.model_name)), "export.model_name",
-           x.model_name, "letters, digits, '.', '_' or '-'")
-    _check(e, x.min_accuracy is None or 0.0 <= x.min_accuracy <= 1.0, "export.min_accuracy",
-           x.min_accuracy, "a number in [0, 1], or null for off")
+    _check(
+        e,
+        bool(re.fullmatch(r"[A-Za-z0-9_.-]+", x.model_name)),
+        "export.model_name",
+        x.model_name,
+        "letters, digits, '.', '_' or '-'",
+    )
+    _check(
+        e,
+        x.min_accuracy is None or 0.0 <= x.min_accuracy <= 1.0,
+        "export.min_accuracy",
+        x.min_accuracy,
+        "a number in [0, 1], or null for off",
+    )
     s = cfg.strategy
-    _check(e, s.name in ("default", "mirrored", "multi_worker"), "strategy.name", s.name,
-           "default, mirrored or multi_worker (choose with strategy=...)")
-    _check(e, s.cluster in ("auto", "tf_config", "slurm"), "strategy.cluster", s.cluster,
-           "auto, tf_config or slurm")
+    _check(
+        e,
+        s.name in ("default", "mirrored", "multi_worker"),
+        "strategy.name",
+        s.name,
+        "default, mirrored or multi_worker (choose with strategy=...)",
+    )
+    _check(
+        e,
+        s.cluster in ("auto", "tf_config", "slurm"),
+        "strategy.cluster",
+        s.cluster,
+        "auto, tf_config or slurm",
+    )
     if e:
         raise ConfigError(e[0])
 
@@ -226,8 +308,9 @@ def to_config(cfg: DictConfig) -> Config:
             del cfg["hydra"]
     unknown = sorted(str(k) for k in set(cfg.keys()) - {f.name for f in fields(Config)})
     if unknown:
-        raise ConfigError(f"{unknown[0]} is not a config key. See: python -m pipeline train "
-                          "--cfg job")
+        raise ConfigError(
+            f"{unknown[0]} is not a config key. See: python -m pipeline train --cfg job"
+        )
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config), type(obj)
     return obj

@@ -35,8 +35,10 @@ def explain(exc: Exception) -> str:
         group = re.search(r"Could not find '([^/']+)/([^']+)'", str(exc))
         options = re.findall(r"^\t(\S+)$", str(exc), flags=re.M)
         if group:
-            return (f"{group.group(1)}={group.group(2)} is not a config option; available: "
-                    f"{', '.join(options)}")
+            return (
+                f"{group.group(1)}={group.group(2)} is not a config option; available: "
+                f"{', '.join(options)}"
+            )
         return str(exc).splitlines()[0]
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         key = getattr(cause, "full_key", None) or "?"
@@ -66,7 +68,8 @@ def compose_and_check(overrides: list[str]) -> Path:
     except OmegaConfBaseException as exc:
         raise ConfigError(explain(exc)) from exc
     except TypeError as exc:  # a key added with +key=... that the schema does not have
-        raise ConfigError(f"unknown config key ({exc}). See: python -m pipeline train "
-                          "--cfg job") from exc
+        raise ConfigError(
+            f"unknown config key ({exc}). See: python -m pipeline train --cfg job"
+        ) from exc
     validate(cfg)
     return run_dir

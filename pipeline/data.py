@@ -56,20 +56,28 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in IDX_FILES if k not in npz.files]
             if missing:
-                raise DataError(f"{path} is not a Keras-layout MNIST file: keys {missing} are "
-                                f"missing (it has {sorted(npz.files)}); expected x_train, "
-                                "y_train, x_test, y_test")
+                raise DataError(
+                    f"{path} is not a Keras-layout MNIST file: keys {missing} are "
+                    f"missing (it has {sorted(npz.files)}); expected x_train, "
+                    "y_train, x_test, y_test"
+                )
             return {k: npz[k] for k in IDX_FILES}
     except DataError:
         raise
     except Exception as exc:  # numpy/zipfile/zlib raise many types for a damaged archive
-        raise DataError(f"{path} cannot be read as .npz ({exc}); is it truncated? "
-                        "Download it again or point data.path at a good copy") from exc
+        raise DataError(
+            f"{path} cannot be read as .npz ({exc}); is it truncated? "
+            "Download it again or point data.path at a good copy"
+        ) from exc
 
 
 def _open_idx(directory: Path, stem: str) -> tuple[Path, bytes]:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
-                 stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         path = directory / name
         if path.is_file():
             raw = path.read_bytes()
@@ -77,11 +85,14 @@ def _open_idx(directory: Path, stem: str) -> tuple[Path, bytes]:
                 try:
                     raw = gzip.decompress(raw)
                 except (OSError, EOFError) as exc:
-                    raise DataError(f"{path} is not a valid gzip file ({exc}); "
-                                    "download it again") from exc
+                    raise DataError(
+                        f"{path} is not a valid gzip file ({exc}); download it again"
+                    ) from exc
             return path, raw
-    raise DataError(f"{directory} has no {stem} or {stem}.gz; an IDX directory needs "
-                    f"{', '.join(IDX_FILES.values())} (optionally .gz)")
+    raise DataError(
+        f"{directory} has no {stem} or {stem}.gz; an IDX directory needs "
+        f"{', '.join(IDX_FILES.values())} (optionally .gz)"
+    )
 
 
 def parse_idx(raw: bytes, path: Path, dims: int) -> np.ndarray:
@@ -90,14 +101,18 @@ def parse_idx(raw: bytes, path: Path, dims: int) -> np.ndarray:
         raise DataError(f"{path} is too short for an IDX header ({len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
     if magic != 0x800 + dims:
-        raise DataError(f"{path} has a bad IDX magic number 0x{magic:08x}; expected "
-                        f"0x{0x800 + dims:08x} (unsigned bytes, {dims} dimensions)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    body = raw[4 + 4 * dims:]
+        raise DataError(
+            f"{path} has a bad IDX magic number 0x{magic:08x}; expected "
+            f"0x{0x800 + dims:08x} (unsigned bytes, {dims} dimensions)"
+        )
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    body = raw[4 + 4 * dims :]
     expected = int(np.prod(shape))
     if len(body) != expected:
-        raise DataError(f"{path}: its header says {shape} = {expected} bytes of data, but it "
-                        f"holds {len(body)}; the file is truncated or damaged")
+        raise DataError(
+            f"{path}: its header says {shape} = {expected} bytes of data, but it "
+            f"holds {len(body)}; the file is truncated or damaged"
+        )
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
@@ -117,11 +132,16 @@ def check_arrays(arrays: dict[str, np.ndarray], origin: str) -> None:
         if x.ndim != 3 or x.shape[1:] != (28, 28):
             raise DataError(f"{origin}: x_{split} has shape {x.shape}; expected N×28×28 images")
         if x.dtype != np.uint8 and (
-                not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255
-                or not np.array_equal(x, np.round(x))):
-            raise DataError(f"{origin}: x_{split} must hold whole pixel values 0–255 as MNIST "
-                            f"does (dtype {x.dtype}, range {x.min()}–{x.max()}); images already "
-                            "scaled to [0, 1] must be multiplied by 255 first")
+            not np.issubdtype(x.dtype, np.number)
+            or x.min() < 0
+            or x.max() > 255
+            or not np.array_equal(x, np.round(x))
+        ):
+            raise DataError(
+                f"{origin}: x_{split} must hold whole pixel values 0–255 as MNIST "
+                f"does (dtype {x.dtype}, range {x.min()}–{x.max()}); images already "
+                "scaled to [0, 1] must be multiplied by 255 first"
+            )
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{origin}: y_{split} has shape {y.shape}; expected {len(x)} labels")
         if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() > 9)):
@@ -163,8 +183,10 @@ def load_source(name: str, path: str | None) -> tuple[dict[str, np.ndarray], str
             arrays, files = read_npz(source), [source]
             origin = str(source)
         else:
-            raise DataError(f"data.path={path} does not exist. Give a Keras-layout .npz file "
-                            "or a directory of IDX files, or leave data.path unset to download")
+            raise DataError(
+                f"data.path={path} does not exist. Give a Keras-layout .npz file "
+                "or a directory of IDX files, or leave data.path unset to download"
+            )
         check_arrays(arrays, origin)
         return arrays, hash_files(files), origin
     if name == "sample":
@@ -174,15 +196,20 @@ def load_source(name: str, path: str | None) -> tuple[dict[str, np.ndarray], str
         arrays = _keras_download(name)
     except Exception as exc:  # Keras raises a bare Exception for a failed download
         if name != "mnist":
-            raise DataError(f"Could not download {name} ({exc}). Download it on a machine "
-                            "with internet access and pass data.path=<file.npz or IDX dir>") \
-                from exc
+            raise DataError(
+                f"Could not download {name} ({exc}). Download it on a machine "
+                "with internet access and pass data.path=<file.npz or IDX dir>"
+            ) from exc
         log.warning(
             "\n%s\nOFFLINE: could not download MNIST (%s).\nTraining on the SMALL sample "
             "shipped with the package (%s), not the full dataset.\nFor the full set, copy "
             "mnist.npz from a machine with internet access and pass data.path=/path/to/"
             "mnist.npz, or put it in ~/.keras/datasets/.\n%s",
-            "!" * 78, type(exc).__name__, SAMPLE_PATH.name, "!" * 78)
+            "!" * 78,
+            type(exc).__name__,
+            SAMPLE_PATH.name,
+            "!" * 78,
+        )
         arrays = read_npz(SAMPLE_PATH)
         return arrays, hash_files([SAMPLE_PATH]), f"bundled sample {SAMPLE_PATH.name} (offline)"
     check_arrays(arrays, f"Keras {name} download")
@@ -192,19 +219,27 @@ def load_source(name: str, path: str | None) -> tuple[dict[str, np.ndarray], str
 # ---------------------------------------------------------------- preparing and caching
 
 
-def split(arrays: dict[str, np.ndarray], train_size: int | None, test_size: int | None,
-          val_fraction: float) -> dict[str, np.ndarray]:
+def split(
+    arrays: dict[str, np.ndarray],
+    train_size: int | None,
+    test_size: int | None,
+    val_fraction: float,
+) -> dict[str, np.ndarray]:
     """First `train_size` training images (the last `val_fraction` of them held out), first
     `test_size` test images; all as uint8 and int64 labels."""
     x_train = arrays["x_train"][:train_size].astype(np.uint8, copy=False)
     y_train = arrays["y_train"][:train_size].astype(np.int64, copy=False)
     cut = len(x_train) - int(round(len(x_train) * val_fraction))
     if cut < 1:
-        raise DataError(f"data.val_fraction={val_fraction} leaves no training images (the "
-                        f"training slice has {len(x_train)}); lower it or raise data.train_size")
+        raise DataError(
+            f"data.val_fraction={val_fraction} leaves no training images (the "
+            f"training slice has {len(x_train)}); lower it or raise data.train_size"
+        )
     return {
-        "x_train": x_train[:cut], "y_train": y_train[:cut],
-        "x_val": x_train[cut:], "y_val": y_train[cut:],
+        "x_train": x_train[:cut],
+        "y_train": y_train[:cut],
+        "x_val": x_train[cut:],
+        "y_val": y_train[cut:],
         "x_test": arrays["x_test"][:test_size].astype(np.uint8, copy=False),
         "y_test": arrays["y_test"][:test_size].astype(np.int64, copy=False),
     }
@@ -219,15 +254,27 @@ def pixel_stats(x_train: np.ndarray) -> tuple[float, float]:
     return mean, std
 
 
-def prepare(name: str, path: str | None, train_size: int | None, test_size: int | None,
-            val_fraction: float, normalize: str, cache_dir: Path) -> Prepared:
+def prepare(
+    name: str,
+    path: str | None,
+    train_size: int | None,
+    test_size: int | None,
+    val_fraction: float,
+    normalize: str,
+    cache_dir: Path,
+) -> Prepared:
     """Load, check, slice and cache the data of one run; reuse the cache when it matches.
 
     A cache made from a source whose content has changed since is refused, not mixed.
     """
     arrays, source_hash, origin = load_source(name, path)
-    recipe = {"name": name, "train_size": train_size, "test_size": test_size,
-              "val_fraction": val_fraction, "normalize": normalize}
+    recipe = {
+        "name": name,
+        "train_size": train_size,
+        "test_size": test_size,
+        "val_fraction": val_fraction,
+        "normalize": normalize,
+    }
     if cache_dir.exists():
         meta = _read_cache_meta(cache_dir)
         if meta is not None:
@@ -236,7 +283,8 @@ def prepare(name: str, path: str | None, train_size: int | None, test_size: int 
                     f"The data source changed under this run: {origin} now has content "
                     f"{source_hash[:12]}, but the run was prepared from {meta['source']} with "
                     f"content {meta['source_sha256'][:12]}. Use the original data, or start a "
-                    "new run with run.name=<new> (or run.restart=true)")
+                    "new run with run.name=<new> (or run.restart=true)"
+                )
             if meta["recipe"] == recipe:
                 with np.load(cache_dir / "prepared.npz") as npz:
                     cached = {k: npz[k] for k in SPLITS}
@@ -245,11 +293,26 @@ def prepare(name: str, path: str | None, train_size: int | None, test_size: int 
     splits = split(arrays, train_size, test_size, val_fraction)
     mean, std = pixel_stats(splits["x_train"]) if normalize == "standardize" else (0.0, 1.0)
     fingerprint = hashlib.sha256(f"{source_hash}:{sorted(recipe.items())}".encode()).hexdigest()
-    _write_cache(cache_dir, splits, {"source": origin, "source_sha256": source_hash,
-                                     "recipe": recipe, "mean": mean, "std": std,
-                                     "fingerprint": fingerprint})
-    log.info("Data: %s -> %d train, %d validation, %d test images (cached in %s)", origin,
-             len(splits["x_train"]), len(splits["x_val"]), len(splits["x_test"]), cache_dir)
+    _write_cache(
+        cache_dir,
+        splits,
+        {
+            "source": origin,
+            "source_sha256": source_hash,
+            "recipe": recipe,
+            "mean": mean,
+            "std": std,
+            "fingerprint": fingerprint,
+        },
+    )
+    log.info(
+        "Data: %s -> %d train, %d validation, %d test images (cached in %s)",
+        origin,
+        len(splits["x_train"]),
+        len(splits["x_val"]),
+        len(splits["x_test"]),
+        cache_dir,
+    )
     return Prepared(splits, mean, std, fingerprint, origin)
 
 
@@ -258,17 +321,19 @@ def _read_cache_meta(cache_dir: Path) -> dict | None:
         return durable.verify_dir(cache_dir)
     except durable.CorruptArtifact as exc:
         moved = durable.set_aside(cache_dir)
-        log.warning("Data cache failed verification (%s); set aside as %s and rebuilt", exc,
-                    moved)
+        log.warning("Data cache failed verification (%s); set aside as %s and rebuilt", exc, moved)
         return None
 
 
 def _write_cache(cache_dir: Path, splits: dict[str, np.ndarray], meta: dict) -> None:
     if cache_dir.exists():
         durable.set_aside(cache_dir)
-    durable.write_dir(cache_dir, lambda tmp: np.savez(tmp / "prepared.npz", **splits),  # type: ignore[arg-type]
-                      meta,
-                      size_hint=sum(a.nbytes for a in splits.values()))
+    durable.write_dir(
+        cache_dir,
+        lambda tmp: np.savez(tmp / "prepared.npz", **splits),  # type: ignore[arg-type]
+        meta,
+        size_hint=sum(a.nbytes for a in splits.values()),
+    )
 
 
 def features(x: np.ndarray, model_name: str, mean: float, std: float) -> np.ndarray:

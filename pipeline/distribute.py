@@ -52,8 +52,10 @@ def cluster_source(cluster: str) -> str:
         return "tf_config"
     if os.environ.get("SLURM_PROCID") is not None:
         return "slurm"
-    raise ConfigError("strategy=multi_worker needs a cluster: set TF_CONFIG (see "
-                      "scripts/launch_workers.py) or run under Slurm's srun")
+    raise ConfigError(
+        "strategy=multi_worker needs a cluster: set TF_CONFIG (see "
+        "scripts/launch_workers.py) or run under Slurm's srun"
+    )
 
 
 def worker_from_tf_config(text: str) -> Worker:
@@ -86,9 +88,11 @@ def make_strategy(name: str, cluster: str) -> Any:
         resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
     # RING all-reduce works on CPUs and GPUs alike; NCCL is picked by AUTO only for GPUs.
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
-    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
-                                                     communication_options=options)
+        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options
+    )
 
 
 @dataclass
@@ -108,14 +112,15 @@ class ScaleOut:
         from pipeline import checkpoint
 
         root = self.run_dir / "checkpoints"
-        mine = (checkpoint.load_latest(root) if self.worker.is_chief else read_latest(root))
+        mine = checkpoint.load_latest(root) if self.worker.is_chief else read_latest(root)
         step = -1 if mine is None else mine.step
         low, high = trainer.agree(step)
         if low != high:  # e.g. run.outputs is not on a filesystem every worker shares
             raise PipelineError(
                 f"The workers see different newest checkpoints in {root} (steps "
                 f"{'none' if low < 0 else low} to {high}). Every worker must read the chief's "
-                "run directory: put run.outputs on a shared filesystem, then run again.")
+                "run directory: put run.outputs on a shared filesystem, then run again."
+            )
         return mine
 
     def stop_flag(self, trainer: Any, local: Callable[[], bool]) -> Callable[[], bool]:
@@ -148,9 +153,14 @@ def setup(name: str, cluster: str, run_dir: Path) -> ScaleOut | None:
     work_dir = run_dir
     if not worker.is_chief:
         work_dir = Path(tempfile.mkdtemp(prefix=f"pipeline-worker{worker.index}-"))
-    log.info("Strategy %s: worker %d of %d%s, %d replicas in sync", name, worker.index,
-             worker.count, " (chief)" if worker.is_chief else f", scratch {work_dir}",
-             strategy.num_replicas_in_sync)
+    log.info(
+        "Strategy %s: worker %d of %d%s, %d replicas in sync",
+        name,
+        worker.index,
+        worker.count,
+        " (chief)" if worker.is_chief else f", scratch {work_dir}",
+        strategy.num_replicas_in_sync,
+    )
     return ScaleOut(strategy, worker, run_dir, work_dir)
 
 
@@ -178,25 +188,35 @@ class DistributedTrainer(_trainer_base()):  # type: ignore[misc]
         self.replicas = strategy.num_replicas_in_sync
         # BatchNorm's moving statistics are updated by each replica from its own slice: they are
         # averaged over the replicas after every step, so every worker holds the same model.
-        self._averaged = [v for v in self.model.non_trainable_variables
-                          if v.dtype.startswith("float")]
+        self._averaged = [
+            v for v in self.model.non_trainable_variables if v.dtype.startswith("float")
+        ]
         self.local_stop: Callable[[], bool] = lambda: False
         self.stop_agreed = False
         batch = self.fit_cfg.batch_size
         sizes = {min(batch, self.n_train), self.n_train % batch or batch}
         if min(sizes) < self.replicas:
-            raise PipelineError(f"A batch of {min(sizes)} images cannot be split over "
-                                f"{self.replicas} replicas; choose another fit.batch_size")
+            raise PipelineError(
+                f"A batch of {min(sizes)} images cannot be split over "
+                f"{self.replicas} replicas; choose another fit.batch_size"
+            )
         self._dist_steps = {
-            size: tf.function(self._global_step, input_signature=[
-                tf.TensorSpec([size], tf.int32), tf.TensorSpec([], tf.int32)])
+            size: tf.function(
+                self._global_step,
+                input_signature=[tf.TensorSpec([size], tf.int32), tf.TensorSpec([], tf.int32)],
+            )
             for size in sizes
         }
         self._agree = tf.function(self._agree_step, input_signature=[tf.TensorSpec([], tf.int64)])
         per_replica = "/".join(str(s) for s in sorted(set(shard_sizes(batch, self.replicas))))
-        log.info("Global batch %d = %d replicas x %s per replica; learning rate %g as "
-                 "configured (it is the global batch's: no scaling)", batch, self.replicas,
-                 per_replica, self.current_lr())
+        log.info(
+            "Global batch %d = %d replicas x %s per replica; learning rate %g as "
+            "configured (it is the global batch's: no scaling)",
+            batch,
+            self.replicas,
+            per_replica,
+            self.current_lr(),
+        )
 
     def current_lr(self) -> float:
         from pipeline.fit import current_lr
@@ -218,10 +238,14 @@ class DistributedTrainer(_trainer_base()):  # type: ignore[misc]
         x = tf.gather(self.x_train, indices)
         y = tf.gather(self.y_train, indices)
         if self.fit_cfg.augment_shift:  # on the global batch: the single-device shifts
-            x = random_shift(x, self.fit_cfg.augment_shift,
-                             tf.stack([tf.constant(self.seed, tf.int64),
-                                       tf.cast(self.optimizer.iterations, tf.int64)]))
-        x, y = x[start:start + size], y[start:start + size]  # this replica's slice
+            x = random_shift(
+                x,
+                self.fit_cfg.augment_shift,
+                tf.stack(
+                    [tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)]
+                ),
+            )
+        x, y = x[start : start + size], y[start : start + size]  # this replica's slice
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
             losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
@@ -230,11 +254,13 @@ class DistributedTrainer(_trainer_base()):  # type: ignore[misc]
         self.optimizer.apply(grads, self.model.trainable_variables)
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int64), tf.cast(y, tf.int64))
         stats = [tf.identity(v.value) for v in self._averaged]
-        return stats, (tf.reduce_sum(tf.cast(losses, tf.float64)),
-                tf.reduce_sum(tf.cast(hits, tf.int64)),
-                tf.size(y, out_type=tf.int64),
-                tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int64),
-                tf.cast(stop, tf.int64))
+        return stats, (
+            tf.reduce_sum(tf.cast(losses, tf.float64)),
+            tf.reduce_sum(tf.cast(hits, tf.int64)),
+            tf.size(y, out_type=tf.int64),
+            tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int64),
+            tf.cast(stop, tf.int64),
+        )
 
     def _global_step(self, indices: Any, stop: Any) -> Any:
         import tensorflow as tf
@@ -243,7 +269,8 @@ class DistributedTrainer(_trainer_base()):  # type: ignore[misc]
         for var, value in zip(self._averaged, stats, strict=True):
             var.assign(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None))
         loss_sum, correct, seen, bad, stops = [
-            self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums
+        ]
         step = tf.cast(self.optimizer.iterations, tf.int64)
         first = tf.logical_and(bad > 0, tf.equal(self.first_bad_step, 0))
         self.first_bad_step.assign(tf.where(first, step, self.first_bad_step))

@@ -73,9 +73,11 @@ def _space_message(path: Path, needed: int | None) -> str:
     except OSError:
         free = -1
     need = _size(needed) if needed else "more space"
-    return f"No space left writing {path}: it needs {need}, {_size(free)} are free. " \
-        "Free some disk space (or raise the file-size limit) and run the same command again; " \
+    return (
+        f"No space left writing {path}: it needs {need}, {_size(free)} are free. "
+        "Free some disk space (or raise the file-size limit) and run the same command again; "
         "nothing committed was lost."
+    )
 
 
 def _size(n: int) -> str:
@@ -90,13 +92,14 @@ def _translate(exc: OSError, path: Path, needed: int | None) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return DiskFullError(_space_message(path, needed))
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return PipelineError(f"Cannot write {path}: {exc.strerror}. Make the directory "
-                             "writable or choose another one with run.outputs=...")
+        return PipelineError(
+            f"Cannot write {path}: {exc.strerror}. Make the directory "
+            "writable or choose another one with run.outputs=..."
+        )
     return exc
 
 
-def write_file(final: Path, write: Callable[[Path], object],
-               size_hint: int | None = None) -> None:
+def write_file(final: Path, write: Callable[[Path], object], size_hint: int | None = None) -> None:
     """Commit a file written by `write(temp_path)` to `final` atomically and durably."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
@@ -125,8 +128,9 @@ def write_bytes(final: Path, data: bytes) -> None:
 def _record_bytes(payload: Any) -> bytes:
     body = json.dumps(payload, sort_keys=True, indent=1)
     digest = hashlib.sha256(body.encode()).hexdigest()
-    return json.dumps({"sha256": digest, "data": json.loads(body)}, sort_keys=True,
-                      indent=1).encode()
+    return json.dumps(
+        {"sha256": digest, "data": json.loads(body)}, sort_keys=True, indent=1
+    ).encode()
 
 
 def write_record(final: Path, payload: Any) -> None:
@@ -172,8 +176,10 @@ def commit_dir(tmp: Path, final: Path, meta: dict[str, Any] | None = None) -> No
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(path, "rb+") as handle:
                 os.fsync(handle.fileno())
-            files[str(path.relative_to(tmp))] = {"size": path.stat().st_size,
-                                                 "sha256": sha256_file(path)}
+            files[str(path.relative_to(tmp))] = {
+                "size": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
         for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
             fsync_dir(sub)
         failpoint("dir_before_manifest")
@@ -196,8 +202,12 @@ def commit_dir(tmp: Path, final: Path, meta: dict[str, Any] | None = None) -> No
         raise
 
 
-def write_dir(final: Path, fill: Callable[[Path], None], meta: dict[str, Any] | None = None,
-              size_hint: int | None = None) -> None:
+def write_dir(
+    final: Path,
+    fill: Callable[[Path], None],
+    meta: dict[str, Any] | None = None,
+    size_hint: int | None = None,
+) -> None:
     """Create `final` atomically: `fill(tmp)` writes the files, then commit_dir publishes them.
     `size_hint` (bytes the files will take) makes a disk-full message exact."""
     tmp = temp_dir(final)
@@ -224,8 +234,9 @@ def verify_dir(path: Path) -> dict[str, Any]:
         if not file.is_file():
             raise CorruptArtifact(f"{file}: missing")
         if file.stat().st_size != expected["size"]:
-            raise CorruptArtifact(f"{file}: size {file.stat().st_size}, expected "
-                                  f"{expected['size']} (truncated?)")
+            raise CorruptArtifact(
+                f"{file}: size {file.stat().st_size}, expected {expected['size']} (truncated?)"
+            )
         if sha256_file(file) != expected["sha256"]:
             raise CorruptArtifact(f"{file}: sha256 mismatch (corrupted)")
     return record["meta"]

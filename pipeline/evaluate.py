@@ -23,8 +23,10 @@ def choose_checkpoint(ckpt_root: Path, which: str) -> checkpoint.Checkpoint:
     """The latest good checkpoint, or with which=best the best one it records."""
     latest = checkpoint.load_latest(ckpt_root)
     if latest is None:
-        raise PipelineError(f"No checkpoint to evaluate in {ckpt_root}. Run the fit stage first "
-                            "(python -m pipeline train ...).")
+        raise PipelineError(
+            f"No checkpoint to evaluate in {ckpt_root}. Run the fit stage first "
+            "(python -m pipeline train ...)."
+        )
     if which == "latest":
         return latest
     best_step = latest.meta["loop"].get("best_step")
@@ -32,13 +34,16 @@ def choose_checkpoint(ckpt_root: Path, which: str) -> checkpoint.Checkpoint:
         return latest
     best = checkpoint.load_latest(ckpt_root, only_step=best_step)
     if best is None:
-        raise PipelineError(f"The best checkpoint (step {best_step}) is missing or damaged in "
-                            f"{ckpt_root}; use evaluate.checkpoint=latest.")
+        raise PipelineError(
+            f"The best checkpoint (step {best_step}) is missing or damaged in "
+            f"{ckpt_root}; use evaluate.checkpoint=latest."
+        )
     return best
 
 
-def run_evaluate(model_cfg: ModelConfig, data: Prepared, ckpt: checkpoint.Checkpoint,
-                 run_dir: Path, which: str) -> dict[str, Any]:
+def run_evaluate(
+    model_cfg: ModelConfig, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir: Path, which: str
+) -> dict[str, Any]:
     model = build_model(model_cfg)
     restore_model(model, ckpt.arrays)
     logits = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -50,23 +55,43 @@ def run_evaluate(model_cfg: ModelConfig, data: Prepared, ckpt: checkpoint.Checkp
         batches.append(out.numpy())
         return out
 
-    loss, accuracy = evaluate_logits(kept_logits, data.arrays["x_test"], data.arrays["y_test"],
-                                     model_cfg.name, (data.mean, data.std))
+    loss, accuracy = evaluate_logits(
+        kept_logits,
+        data.arrays["x_test"],
+        data.arrays["y_test"],
+        model_cfg.name,
+        (data.mean, data.std),
+    )
     print(f"Restored model, accuracy: {100 * accuracy:5.2f}%", flush=True)
-    metrics = {"test_loss": loss, "test_accuracy": accuracy, "checkpoint": which,
-               "checkpoint_step": ckpt.step, "test_images": int(len(data.arrays["y_test"])),
-               "data_fingerprint": data.fingerprint}
+    metrics = {
+        "test_loss": loss,
+        "test_accuracy": accuracy,
+        "checkpoint": which,
+        "checkpoint_step": ckpt.step,
+        "test_images": int(len(data.arrays["y_test"])),
+        "data_fingerprint": data.fingerprint,
+    }
     # --- run visuals: predictions.npz and TensorBoard images, hparams, graph (pipeline/report.py)
     from pipeline import report
 
     report.record_evaluation(
-        run_dir, ckpt.step, which, data.arrays["y_test"],
+        run_dir,
+        ckpt.step,
+        which,
+        data.arrays["y_test"],
         np.concatenate(batches) if batches else np.zeros((0, 10), np.float32),
-        data.arrays["x_test"], metrics,
-        graph_def=report.model_graph_def(model, INPUT_SHAPES[model_cfg.name]))
+        data.arrays["x_test"],
+        metrics,
+        graph_def=report.model_graph_def(model, INPUT_SHAPES[model_cfg.name]),
+    )
     durable.write_bytes(run_dir / "metrics.json", _json(metrics))
-    log.info("Evaluate: step %d (%s), test loss %.4f, test accuracy %.4f", ckpt.step, which,
-             loss, accuracy)
+    log.info(
+        "Evaluate: step %d (%s), test loss %.4f, test accuracy %.4f",
+        ckpt.step,
+        which,
+        loss,
+        accuracy,
+    )
     return metrics
 
 

@@ -72,8 +72,10 @@ def serving_functions(model: keras.Model, model_name: str, mean: float, std: flo
         x = (x - mean) / std
         logits = model(tf.reshape(x, (-1, *shape)), training=False)
         probabilities = tf.nn.softmax(logits, axis=-1)
-        return {"probabilities": probabilities,
-                "class_id": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
+        return {
+            "probabilities": probabilities,
+            "class_id": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+        }
 
     def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
         return classify(image)
@@ -82,8 +84,7 @@ def serving_functions(model: keras.Model, model_name: str, mean: float, std: flo
         return classify(image)
 
     def serve_examples(examples: tf.Tensor) -> dict[str, tf.Tensor]:
-        parsed = tf.io.parse_example(
-            examples, {"image": tf.io.FixedLenFeature([784], tf.float32)})
+        parsed = tf.io.parse_example(examples, {"image": tf.io.FixedLenFeature([784], tf.float32)})
         return classify(parsed["image"])
 
     return {
@@ -93,8 +94,9 @@ def serving_functions(model: keras.Model, model_name: str, mean: float, std: flo
     }
 
 
-def write_saved_model(model: keras.Model, path: Path, model_name: str, mean: float,
-                      std: float) -> None:
+def write_saved_model(
+    model: keras.Model, path: Path, model_name: str, mean: float, std: float
+) -> None:
     archive = keras.export.ExportArchive()
     for name, (fn, signature) in serving_functions(model, model_name, mean, std).items():
         archive.add_endpoint(name=name, fn=fn, input_signature=signature)
@@ -109,19 +111,22 @@ def write_saved_model(model: keras.Model, path: Path, model_name: str, mean: flo
 
 
 def write_tflite(saved_model: Path, path: Path) -> None:
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model),
-                                                         signature_keys=["serving_default"])
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model), signature_keys=["serving_default"]
+    )
     path.write_bytes(converter.convert())
 
 
-def reference_probabilities(model: keras.Model, images: np.ndarray, model_name: str,
-                            mean: float, std: float) -> np.ndarray:
+def reference_probabilities(
+    model: keras.Model, images: np.ndarray, model_name: str, mean: float, std: float
+) -> np.ndarray:
     logits = model(features(images, model_name, mean, std), training=False)
     return tf.nn.softmax(logits, axis=-1).numpy()
 
 
-def reload_predictions(fmt: str, path: Path, images: np.ndarray, model_name: str, mean: float,
-                       std: float) -> np.ndarray:
+def reload_predictions(
+    fmt: str, path: Path, images: np.ndarray, model_name: str, mean: float, std: float
+) -> np.ndarray:
     """Probabilities for `images` (uint8 N×28×28) from the exported file at `path`."""
     if fmt == "saved_model":
         loaded = tf.saved_model.load(str(path))
@@ -130,14 +135,22 @@ def reload_predictions(fmt: str, path: Path, images: np.ndarray, model_name: str
     if fmt == "tflite":
         interpreter = tf.lite.Interpreter(model_path=str(path))
         runner = interpreter.get_signature_runner("serving_default")
-        return np.concatenate([runner(image=images[i:i + 1])["probabilities"]
-                               for i in range(len(images))])
+        return np.concatenate(
+            [runner(image=images[i : i + 1])["probabilities"] for i in range(len(images))]
+        )
     model = keras.models.load_model(path, compile=False)
     return reference_probabilities(model, images, model_name, mean, std)
 
 
-def verify(fmt: str, path: Path, images: np.ndarray, expected: np.ndarray, model_name: str,
-           mean: float, std: float) -> float:
+def verify(
+    fmt: str,
+    path: Path,
+    images: np.ndarray,
+    expected: np.ndarray,
+    model_name: str,
+    mean: float,
+    std: float,
+) -> float:
     got = reload_predictions(fmt, path, images, model_name, mean, std)
     max_diff = float(np.max(np.abs(got - expected)))
     same_class = np.array_equal(np.argmax(got, -1), np.argmax(expected, -1))
@@ -145,7 +158,8 @@ def verify(fmt: str, path: Path, images: np.ndarray, expected: np.ndarray, model
         raise ExportVerificationError(
             f"Export check failed for {fmt} ({path.name}): class ids "
             f"{'match' if same_class else 'differ'}, max probability difference {max_diff:.2e} "
-            f"(allowed {TOLERANCE[fmt]:.0e}). Nothing was published.")
+            f"(allowed {TOLERANCE[fmt]:.0e}). Nothing was published."
+        )
     return max_diff
 
 
@@ -154,19 +168,35 @@ def git_commit() -> str | None:
     its own git checkout; None for an installed copy."""
     checkout = Path(__file__).resolve().parent.parent
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, cwd=checkout, timeout=5, check=True).stdout.strip()
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            cwd=checkout,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
         if Path(top).resolve() != checkout:
             return None
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
-                              capture_output=True, text=True, cwd=checkout, timeout=5,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            capture_output=True,
+            text=True,
+            cwd=checkout,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def run_export(cfg: Config, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir: Path,
-               metrics: dict[str, Any] | None) -> dict[str, Any]:
+def run_export(
+    cfg: Config,
+    data: Prepared,
+    ckpt: checkpoint.Checkpoint,
+    run_dir: Path,
+    metrics: dict[str, Any] | None,
+) -> dict[str, Any]:
     """Publish a new verified version for `ckpt`, or return the one already published."""
     model_root = run_dir / "export" / cfg.export.model_name
     existing = published_for_step(model_root, ckpt.step)
@@ -178,11 +208,13 @@ def run_export(cfg: Config, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir
         if accuracy is None:
             raise ExportVerificationError(
                 f"Not exported: checkpoint step {ckpt.step} has no test metrics to compare with "
-                f"export.min_accuracy={cfg.export.min_accuracy}; run the evaluate stage first.")
+                f"export.min_accuracy={cfg.export.min_accuracy}; run the evaluate stage first."
+            )
         if accuracy < cfg.export.min_accuracy:
             raise ExportVerificationError(
                 f"Not exported: test accuracy {accuracy:.4f} is below export.min_accuracy="
-                f"{cfg.export.min_accuracy}. Train longer or lower the threshold.")
+                f"{cfg.export.min_accuracy}. Train longer or lower the threshold."
+            )
     steps_per_epoch = -(-len(data.arrays["y_train"]) // cfg.fit.batch_size)
     optimizer = make_optimizer(cfg.optimizer, steps_per_epoch, cfg.fit.epochs)
     model = restore_training_model(cfg.model, optimizer, ckpt.arrays)
@@ -205,18 +237,27 @@ def run_export(cfg: Config, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir
         for fmt, path in files.items():
             diffs[fmt] = verify(fmt, path, images, expected, name, mean, std)
         card = {
-            "model_name": cfg.export.model_name, "checkpoint_step": ckpt.step,
-            "config": _plain(cfg), "data_fingerprint": data.fingerprint, "data_source":
-            data.source, "test_metrics": metrics, "signatures": {
+            "model_name": cfg.export.model_name,
+            "checkpoint_step": ckpt.step,
+            "config": _plain(cfg),
+            "data_fingerprint": data.fingerprint,
+            "data_source": data.source,
+            "test_metrics": metrics,
+            "signatures": {
                 "serving_default": "image uint8[N,28,28] raw pixels -> probabilities "
-                                   "float32[N,10], class_id int64[N]",
+                "float32[N,10], class_id int64[N]",
                 "serve_flat": "image float32[N,784] raw pixels 0-255 -> same outputs",
                 "serve_examples": "examples: serialized tf.train.Example with float feature "
-                                  "'image' (784 raw pixels 0-255) -> same outputs"},
-            "max_probability_difference": diffs, "commit": git_commit(),
+                "'image' (784 raw pixels 0-255) -> same outputs",
+            },
+            "max_probability_difference": diffs,
+            "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "files": {str(p.relative_to(tmp)): durable.sha256_file(p)
-                      for p in sorted(tmp.rglob("*")) if p.is_file()},
+            "files": {
+                str(p.relative_to(tmp)): durable.sha256_file(p)
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            },
         }
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
         durable.failpoint("export_before_publish")
@@ -224,10 +265,17 @@ def run_export(cfg: Config, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir
     version = (versions(model_root) or [0])[-1] + 1
     final = model_root / str(version)
     durable.write_dir(final, fill, {"checkpoint_step": ckpt.step, "diffs": diffs})
-    log.info("Export: published %s (max probability differences %s)", final,
-             ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-    return {"path": str(final), "version": version, "checkpoint_step": ckpt.step,
-            "max_probability_difference": diffs}
+    log.info(
+        "Export: published %s (max probability differences %s)",
+        final,
+        ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()),
+    )
+    return {
+        "path": str(final),
+        "version": version,
+        "checkpoint_step": ckpt.step,
+        "max_probability_difference": diffs,
+    }
 
 
 def _plain(cfg: Config) -> dict[str, Any]:

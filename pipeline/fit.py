@@ -51,8 +51,9 @@ def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tenso
     x = tf.reshape(images, (-1, 28, 28, 1)) if flat else images
     pad = max_shift
     x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    offsets = tf.random.stateless_uniform((tf.shape(x)[0], 2), seed=seed, minval=0,
-                                          maxval=2 * pad + 1, dtype=tf.int32)
+    offsets = tf.random.stateless_uniform(
+        (tf.shape(x)[0], 2), seed=seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32
+    )
     rows = offsets[:, :1] + tf.range(28)[None, :]
     cols = offsets[:, 1:] + tf.range(28)[None, :]
     x = tf.gather(x, rows, axis=1, batch_dims=1)
@@ -60,25 +61,38 @@ def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tenso
     return tf.reshape(x, (-1, 784)) if flat else x
 
 
-def make_optimizer(cfg: OptimizerConfig, steps_per_epoch: int,
-                   epochs: int) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    cfg: OptimizerConfig, steps_per_epoch: int, epochs: int
+) -> keras.optimizers.Optimizer:
     total = steps_per_epoch * epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     lr: Any = cfg.learning_rate
     if cfg.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup else cfg.learning_rate, max(total - warmup, 1), alpha=0.0,
-            warmup_target=cfg.learning_rate if warmup else None, warmup_steps=warmup)
+            0.0 if warmup else cfg.learning_rate,
+            max(total - warmup, 1),
+            alpha=0.0,
+            warmup_target=cfg.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
     elif cfg.schedule == "restarts":
         # Cosine cycles of cycle_epochs, 2x, 4x, ...: each cycle ends annealed, so the model is
         # good early (end of the first cycle) and keeps improving in the longer ones.
         lr = keras.optimizers.schedules.CosineDecayRestarts(
-            cfg.learning_rate, max(int(cfg.cycle_epochs * steps_per_epoch), 1), t_mul=2.0,
-            m_mul=1.0, alpha=0.0)
+            cfg.learning_rate,
+            max(int(cfg.cycle_epochs * steps_per_epoch), 1),
+            t_mul=2.0,
+            m_mul=1.0,
+            alpha=0.0,
+        )
     elif cfg.schedule == "onecycle":
         lr = keras.optimizers.schedules.CosineDecay(
-            cfg.learning_rate / 25, max(total - max(warmup, 1), 1), alpha=0.0,
-            warmup_target=cfg.learning_rate, warmup_steps=max(warmup, total // 4, 1))
+            cfg.learning_rate / 25,
+            max(total - max(warmup, 1), 1),
+            alpha=0.0,
+            warmup_target=cfg.learning_rate,
+            warmup_steps=max(warmup, total // 4, 1),
+        )
     if cfg.name == "sgd":
         return keras.optimizers.SGD(lr, momentum=cfg.momentum)
     return keras.optimizers.Adam(lr)
@@ -108,8 +122,14 @@ class LoopState:
 class Trainer:
     """Owns the model, optimizer and accumulators of one fit, and their (de)serialization."""
 
-    def __init__(self, model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig,
-                 seed: int, data: Prepared) -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        opt_cfg: OptimizerConfig,
+        fit_cfg: FitConfig,
+        seed: int,
+        data: Prepared,
+    ) -> None:
         keras.utils.set_random_seed(seed)
         # Bit-identical resume needs bit-identical steps: no racing reductions in any kernel.
         tf.config.experimental.enable_op_determinism()
@@ -117,8 +137,9 @@ class Trainer:
         self.fit_cfg = fit_cfg
         self.model_name = model_cfg.name
         self.mean_std = (data.mean, data.std)
-        self.x_train = tf.constant(features(data.arrays["x_train"], model_cfg.name, data.mean,
-                                            data.std))
+        self.x_train = tf.constant(
+            features(data.arrays["x_train"], model_cfg.name, data.mean, data.std)
+        )
         self.y_train = tf.constant(data.arrays["y_train"])
         self.n_train = int(self.y_train.shape[0])
         self.steps_per_epoch = math.ceil(self.n_train / fit_cfg.batch_size)
@@ -142,15 +163,20 @@ class Trainer:
         }
         self._logits = tf.function(
             lambda x: self.model(x, training=False),
-            input_signature=[tf.TensorSpec([None, *self.x_train.shape[1:]], tf.float32)])
+            input_signature=[tf.TensorSpec([None, *self.x_train.shape[1:]], tf.float32)],
+        )
 
     def _step(self, indices: tf.Tensor) -> None:
         x = tf.gather(self.x_train, indices)
         y = tf.gather(self.y_train, indices)
         if self.fit_cfg.augment_shift:
-            x = random_shift(x, self.fit_cfg.augment_shift,
-                             tf.stack([tf.constant(self.seed, tf.int64),
-                                       tf.cast(self.optimizer.iterations, tf.int64)]))
+            x = random_shift(
+                x,
+                self.fit_cfg.augment_shift,
+                tf.stack(
+                    [tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)]
+                ),
+            )
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
             losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
@@ -159,8 +185,9 @@ class Trainer:
         self.optimizer.apply(grads, self.model.trainable_variables)
         # The step number after this update; recorded once, at the first non-finite loss.
         step = tf.cast(self.optimizer.iterations, tf.int64)
-        bad = tf.logical_and(tf.logical_not(tf.math.is_finite(loss)),
-                             tf.equal(self.first_bad_step, 0))
+        bad = tf.logical_and(
+            tf.logical_not(tf.math.is_finite(loss)), tf.equal(self.first_bad_step, 0)
+        )
         self.first_bad_step.assign(tf.where(bad, step, self.first_bad_step))
         self.loss_sum.assign_add(tf.reduce_sum(tf.cast(losses, tf.float64)))
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int64), tf.cast(y, tf.int64))
@@ -199,8 +226,10 @@ class Trainer:
         if sorted(names) != sorted(arrays):
             missing = sorted(set(names) - set(arrays))[:3]
             extra = sorted(set(arrays) - set(names))[:3]
-            raise PipelineError(f"The checkpoint does not match this model (missing {missing}, "
-                                f"unexpected {extra}). Use run.restart=true to start over.")
+            raise PipelineError(
+                f"The checkpoint does not match this model (missing {missing}, "
+                f"unexpected {extra}). Use run.restart=true to start over."
+            )
         for name, var in variables:
             var.assign(arrays[name])
 
@@ -214,10 +243,13 @@ def canonical_path(var: Any) -> str:
 def _restore_group(group: str, variables: list, arrays: dict[str, np.ndarray]) -> None:
     names = sorted(k for k in arrays if k.startswith(group + "/"))
     if len(names) != len(variables) or any(
-            not name.endswith("/" + canonical_path(var))
-            for name, var in zip(names, variables, strict=True)):
-        raise PipelineError(f"The checkpoint's {group} state does not match this config. "
-                            "Use run.restart=true to start over.")
+        not name.endswith("/" + canonical_path(var))
+        for name, var in zip(names, variables, strict=True)
+    ):
+        raise PipelineError(
+            f"The checkpoint's {group} state does not match this config. "
+            "Use run.restart=true to start over."
+        )
     for name, var in zip(names, variables, strict=True):
         var.assign(arrays[name])
 
@@ -227,27 +259,35 @@ def restore_model(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
     _restore_group("model", model.variables, arrays)
 
 
-def restore_training_model(model_cfg: ModelConfig, optimizer: keras.optimizers.Optimizer,
-                           arrays: dict[str, np.ndarray]) -> keras.Model:
+def restore_training_model(
+    model_cfg: ModelConfig, optimizer: keras.optimizers.Optimizer, arrays: dict[str, np.ndarray]
+) -> keras.Model:
     """A compiled model with the checkpoint's weights and optimizer state (for .keras export,
     from which training can continue)."""
     model = build_model(model_cfg)
     optimizer.build(model.trainable_variables)
     restore_model(model, arrays)
     _restore_group("optimizer", optimizer.variables, arrays)
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     return model
 
 
-def evaluate_logits(logits_fn: Callable[[tf.Tensor], tf.Tensor], x: np.ndarray, y: np.ndarray,
-                    model_name: str, mean_std: tuple[float, float]) -> tuple[float, float]:
+def evaluate_logits(
+    logits_fn: Callable[[tf.Tensor], tf.Tensor],
+    x: np.ndarray,
+    y: np.ndarray,
+    model_name: str,
+    mean_std: tuple[float, float],
+) -> tuple[float, float]:
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), EVAL_BATCH):
-        batch = features(x[start:start + EVAL_BATCH], model_name, *mean_std)
+        batch = features(x[start : start + EVAL_BATCH], model_name, *mean_std)
         logits = logits_fn(tf.constant(batch))
-        labels = y[start:start + EVAL_BATCH]
+        labels = y[start : start + EVAL_BATCH]
         losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         loss_sum += float(tf.reduce_sum(tf.cast(losses, tf.float64)).numpy())
         correct += int((np.argmax(logits.numpy(), axis=-1) == labels).sum())
@@ -272,10 +312,17 @@ class Progress:
             self.last = now
 
 
-def run_fit(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig,
-            ckpt_cfg: CheckpointConfig, seed: int, data: Prepared, run_dir: Path,
-            should_stop: Callable[[], bool] = lambda: False,
-            scale: Any = None) -> dict[str, Any]:
+def run_fit(
+    model_cfg: ModelConfig,
+    opt_cfg: OptimizerConfig,
+    fit_cfg: FitConfig,
+    ckpt_cfg: CheckpointConfig,
+    seed: int,
+    data: Prepared,
+    run_dir: Path,
+    should_stop: Callable[[], bool] = lambda: False,
+    scale: Any = None,
+) -> dict[str, Any]:
     """Train to `fit_cfg.epochs`, resuming from the newest good checkpoint; return a summary.
 
     `scale` (a distribute.ScaleOut, or None for one device) trains under a tf.distribute
@@ -292,18 +339,24 @@ def run_fit(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig
     if latest is not None:
         trainer.restore(latest.arrays)
         state = LoopState(**latest.meta["loop"])
-        state.resumes.append({"step": state.global_step, "epoch": state.epoch,
-                              "time": time.time()})
-        log.info("Fit: resuming from %s (epoch %d, step %d of %d in the epoch)",
-                 latest.path.name, state.epoch + 1, state.step_in_epoch,
-                 trainer.steps_per_epoch)
+        state.resumes.append({"step": state.global_step, "epoch": state.epoch, "time": time.time()})
+        log.info(
+            "Fit: resuming from %s (epoch %d, step %d of %d in the epoch)",
+            latest.path.name,
+            state.epoch + 1,
+            state.step_in_epoch,
+            trainer.steps_per_epoch,
+        )
     tb_dir = run_dir / "tensorboard"
     tb_dir.mkdir(parents=True, exist_ok=True)
     if latest is not None:
         reached = tblog.last_step(tb_dir)
         if reached > state.global_step:
-            log.info("Fit: the interrupted session had reached step %d; %d steps are redone",
-                     reached, reached - state.global_step)
+            log.info(
+                "Fit: the interrupted session had reached step %d; %d steps are redone",
+                reached,
+                reached - state.global_step,
+            )
     dropped = tblog.truncate_after(tb_dir, state.global_step)
     if dropped:
         log.info("TensorBoard: dropped %d events written after the last checkpoint", dropped)
@@ -316,19 +369,36 @@ def run_fit(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, fit_cfg: FitConfig
         loop.run()
     finally:
         events.close()
-    return {"global_step": state.global_step, "epochs_done": state.epoch,
-            "stopped_early": state.stopped_early, "best_step": state.best_step,
-            "best_val_accuracy": state.best_value, "history": state.history,
-            "resumes": state.resumes}
+    return {
+        "global_step": state.global_step,
+        "epochs_done": state.epoch,
+        "stopped_early": state.stopped_early,
+        "best_step": state.best_step,
+        "best_val_accuracy": state.best_value,
+        "history": state.history,
+        "resumes": state.resumes,
+    }
 
 
 class _Loop:
-    def __init__(self, trainer: Trainer, state: LoopState, fit_cfg: FitConfig,
-                 ckpt_cfg: CheckpointConfig, data: Prepared, ckpt_root: Path,
-                 events: tblog.EventLog, should_stop: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        trainer: Trainer,
+        state: LoopState,
+        fit_cfg: FitConfig,
+        ckpt_cfg: CheckpointConfig,
+        data: Prepared,
+        ckpt_root: Path,
+        events: tblog.EventLog,
+        should_stop: Callable[[], bool],
+    ) -> None:
         self.t, self.s, self.fit_cfg, self.ckpt_cfg = trainer, state, fit_cfg, ckpt_cfg
-        self.data, self.ckpt_root, self.events, self.should_stop = data, ckpt_root, events, \
-            should_stop
+        self.data, self.ckpt_root, self.events, self.should_stop = (
+            data,
+            ckpt_root,
+            events,
+            should_stop,
+        )
         self.last_save_time = time.monotonic()
         self.clock = time.monotonic()
         self.first_step_logged = False
@@ -356,7 +426,7 @@ class _Loop:
             progress = Progress(s.epoch, cfg.epochs, t.steps_per_epoch, s.step_in_epoch)
             while s.step_in_epoch < t.steps_per_epoch:
                 start = s.step_in_epoch * cfg.batch_size
-                t.train_step(order[start:start + cfg.batch_size])
+                t.train_step(order[start : start + cfg.batch_size])
                 if not self.first_step_logged:
                     self._log_first_step()
                 s.step_in_epoch += 1
@@ -378,8 +448,10 @@ class _Loop:
                 raise self._interrupted()
 
     def _interrupted(self) -> Interrupted:
-        return Interrupted(f"Interrupted: checkpoint saved at step {self.s.global_step} "
-                           f"(epoch {self.s.epoch + 1}). Run the same command again to resume.")
+        return Interrupted(
+            f"Interrupted: checkpoint saved at step {self.s.global_step} "
+            f"(epoch {self.s.epoch + 1}). Run the same command again to resume."
+        )
 
     def _checkpoint_due(self) -> bool:
         c = self.ckpt_cfg
@@ -395,7 +467,8 @@ class _Loop:
             raise NonFiniteLoss(
                 f"The training loss became NaN or infinite at step {bad}; stopped without "
                 f"saving it. The last good checkpoint ({last}) is kept. Lower "
-                "optimizer.learning_rate, or check the data, and rerun.")
+                "optimizer.learning_rate, or check the data, and rerun."
+            )
 
     def _log_step(self) -> None:
         self._check_finite()
@@ -413,8 +486,13 @@ class _Loop:
             return
         self._tick()
         self.events.sync()  # every event up to this step is durable before the commit
-        meta = {"loop": s.__dict__, "epoch": s.epoch, "global_step": s.global_step,
-                "data_fingerprint": self.data.fingerprint, "time": time.time()}
+        meta = {
+            "loop": s.__dict__,
+            "epoch": s.epoch,
+            "global_step": s.global_step,
+            "data_fingerprint": self.data.fingerprint,
+            "time": time.time(),
+        }
         checkpoint.save(self.ckpt_root, s.global_step, self.t.state_arrays(), meta)
         checkpoint.retain(self.ckpt_root, self.ckpt_cfg.keep, s.best_step)
         self.last_save_time = time.monotonic()
@@ -423,14 +501,21 @@ class _Loop:
         t, s = self.t, self.s
         self._check_finite()
         train_loss, train_acc = t.train_metrics()
-        row = {"epoch": s.epoch + 1, "step": s.global_step, "loss": train_loss,
-               "accuracy": train_acc}
+        row = {
+            "epoch": s.epoch + 1,
+            "step": s.global_step,
+            "loss": train_loss,
+            "accuracy": train_acc,
+        }
         self.events.scalar("epoch/train_loss", train_loss, s.global_step)
         self.events.scalar("epoch/train_accuracy", train_acc, s.global_step)
         started, first_step = self.epoch_clock
         if s.global_step > first_step:
-            self.events.scalar("epoch/steps_per_second", (s.global_step - first_step) /
-                               max(time.monotonic() - started, 1e-9), s.global_step)
+            self.events.scalar(
+                "epoch/steps_per_second",
+                (s.global_step - first_step) / max(time.monotonic() - started, 1e-9),
+                s.global_step,
+            )
         if len(self.data.arrays["y_val"]):
             val_loss, val_acc = t.evaluate(self.data.arrays["x_val"], self.data.arrays["y_val"])
             row.update(val_loss=val_loss, val_accuracy=val_acc)
@@ -449,8 +534,15 @@ class _Loop:
         if patience and s.epochs_without_improvement >= patience:
             s.stopped_early = True
             log.info("Fit: early stop, no improvement for %d epochs", patience)
-        log.info("Epoch %d: %s", s.epoch + 1, ", ".join(
-            f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds")))
+        log.info(
+            "Epoch %d: %s",
+            s.epoch + 1,
+            ", ".join(
+                f"{k}={v:.4f}"
+                for k, v in row.items()
+                if k not in ("epoch", "step", "train_seconds")
+            ),
+        )
         s.history.append(row)
         s.epoch += 1
         s.step_in_epoch = 0

@@ -19,8 +19,9 @@ def build_model(cfg: ModelConfig) -> keras.Model:
             for j in range(cfg.convs_per_block):
                 # Single-conv blocks keep the names conv0, conv1, ... of older runs.
                 name = f"{i}" if cfg.convs_per_block == 1 else f"{i}_{j}"
-                x = keras.layers.Conv2D(filters, 3, padding=cfg.padding,
-                                        use_bias=not cfg.batch_norm, name=f"conv{name}")(x)
+                x = keras.layers.Conv2D(
+                    filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm, name=f"conv{name}"
+                )(x)
                 if cfg.batch_norm:
                     # momentum 0.9: moving statistics usable after a few hundred steps.
                     x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{name}")(x)

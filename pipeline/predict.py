@@ -115,8 +115,8 @@ def _indices(text: str) -> list[int]:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a test-set index (use --test-index 0 1 2 or 0,1,2, after the "
-            "files)") from None
+            f"{text!r} is not a test-set index (use --test-index 0 1 2 or 0,1,2, after the files)"
+        ) from None
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: indices are integers >= 0")
     return values
@@ -127,14 +127,15 @@ def parse_args(args: list[str]) -> tuple[list[str], argparse.Namespace]:
     forced: list[str] = []
     if "--" in args:
         cut = args.index("--")
-        args, forced = args[:cut], args[cut + 1:]
+        args, forced = args[:cut], args[cut + 1 :]
     overrides = [a for a in args if OVERRIDE.match(a) and not Path(a).is_file()]
     rest = [a for a in args if a not in overrides]
     parser = _Parser(prog="python -m pipeline predict", add_help=False)
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("files", nargs="*")
-    parser.add_argument("--test-index", dest="test_index", nargs="+", type=_indices,
-                        action="extend", default=[])
+    parser.add_argument(
+        "--test-index", dest="test_index", nargs="+", type=_indices, action="extend", default=[]
+    )
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--version", type=int)
     opts = parser.parse_intermixed_args(rest)
@@ -164,12 +165,13 @@ def mnist_like(gray: np.ndarray, name: str) -> np.ndarray:
     ink *= 255.0 / peak
     rows = np.flatnonzero((ink >= INK_FRACTION * 255.0).any(axis=1))
     cols = np.flatnonzero((ink >= INK_FRACTION * 255.0).any(axis=0))
-    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = crop.shape
     scale = BOX / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     patch = Image.fromarray(np.ascontiguousarray(crop, np.float32)).resize(
-        size, Image.Resampling.LANCZOS)
+        size, Image.Resampling.LANCZOS
+    )
     digit = np.clip(np.asarray(patch, dtype=np.float32), 0.0, 255.0)
     height, width = digit.shape
     mass = float(digit.sum())
@@ -179,7 +181,7 @@ def mnist_like(gray: np.ndarray, name: str) -> np.ndarray:
     top = min(max(round(CENTRE - float((ys * digit).sum()) / mass), 0), SIZE - height)
     left = min(max(round(CENTRE - float((xs * digit).sum()) / mass), 0), SIZE - width)
     out = np.zeros((SIZE, SIZE), np.float32)
-    out[top:top + height, left:left + width] = digit
+    out[top : top + height, left : left + width] = digit
     return np.rint(out).astype(np.uint8)
 
 
@@ -211,8 +213,9 @@ def read_array(path: Path) -> np.ndarray:
     if array.shape in ((28, 28), (784,)):
         array = array[None]
     if array.ndim not in (2, 3) or array.shape[1:] not in ((28, 28), (784,)) or not len(array):
-        raise UsageError(f"{path}: array of shape {array.shape}; expected N x 28 x 28 or "
-                         "N x 784 raw pixels")
+        raise UsageError(
+            f"{path}: array of shape {array.shape}; expected N x 28 x 28 or N x 784 raw pixels"
+        )
     if array.dtype == np.uint8:
         return array.reshape(-1, 28, 28)
     if array.dtype.kind not in "iuf":
@@ -224,8 +227,10 @@ def read_array(path: Path) -> np.ndarray:
     if low < 0 or high > 255:
         raise UsageError(f"{path}: values from {low:g} to {high:g}; expected raw pixels 0-255")
     if array.dtype.kind == "f" and 0 < high <= 1.0:
-        raise UsageError(f"{path}: values from {low:g} to {high:g} look scaled to 0-1; "
-                         "multiply by 255 (the model takes raw pixels 0-255)")
+        raise UsageError(
+            f"{path}: values from {low:g} to {high:g} look scaled to 0-1; "
+            "multiply by 255 (the model takes raw pixels 0-255)"
+        )
     return np.rint(values).astype(np.uint8).reshape(-1, 28, 28)
 
 
@@ -246,16 +251,22 @@ def read_inputs(files: list[str], test_index: list[int], run_dir: Path) -> Input
             with np.load(cache) as npz:
                 x_test, y_test = npz["x_test"], npz["y_test"]
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-            raise UsageError(f"cannot read the run's test set {cache} ({exc}); prepare it "
-                             "with: python -m pipeline data <the run's overrides>") from exc
+            raise UsageError(
+                f"cannot read the run's test set {cache} ({exc}); prepare it "
+                "with: python -m pipeline data <the run's overrides>"
+            ) from exc
         for i in test_index:
             if i >= len(x_test):
-                raise UsageError(f"--test-index {i} is out of range: the run's test set has "
-                                 f"{len(x_test)} images (0..{len(x_test) - 1})")
+                raise UsageError(
+                    f"--test-index {i} is out of range: the run's test set has "
+                    f"{len(x_test)} images (0..{len(x_test) - 1})"
+                )
             inputs.add(f"test[{i}]", x_test[i], int(y_test[i]))
     if not inputs.names:
-        raise UsageError("nothing to predict: give image files, .npy arrays or --test-index. "
-                         "See: python -m pipeline predict --help")
+        raise UsageError(
+            "nothing to predict: give image files, .npy arrays or --test-index. "
+            "See: python -m pipeline predict --help"
+        )
     return inputs
 
 
@@ -272,24 +283,34 @@ def choose_run(overrides: list[str]) -> tuple[Path, str]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         model_name = str(compose("config", overrides=overrides).export.model_name)
     if not (run_dir / "run.json").exists():
-        raise UsageError(f"no run at {run_dir}. Train it with: python -m pipeline train "
-                         f"{' '.join(overrides)}".rstrip())
+        raise UsageError(
+            f"no run at {run_dir}. Train it with: python -m pipeline train "
+            f"{' '.join(overrides)}".rstrip()
+        )
     return run_dir, model_name
 
 
-def choose_export(run_dir: Path, model_name: str, overrides: list[str],
-                  version: int | None) -> tuple[Path, dict[str, Any]]:
+def choose_export(
+    run_dir: Path, model_name: str, overrides: list[str], version: int | None
+) -> tuple[Path, dict[str, Any]]:
     """The newest (or the asked-for) export version that verifies, and its manifest meta."""
     root = run_dir / "export" / model_name
-    found = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()),
-                   reverse=True) if root.is_dir() else []
+    found = (
+        sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+        if root.is_dir()
+        else []
+    )
     if not found:
-        raise UsageError(f"run {run_dir} has no export in {root}. Export it with: python -m "
-                         f"pipeline export {' '.join(overrides)}".rstrip())
+        raise UsageError(
+            f"run {run_dir} has no export in {root}. Export it with: python -m "
+            f"pipeline export {' '.join(overrides)}".rstrip()
+        )
     if version is not None:
         if version not in found:
-            raise UsageError(f"run {run_dir} has no export version {version} (it has "
-                             f"{', '.join(map(str, sorted(found)))})")
+            raise UsageError(
+                f"run {run_dir} has no export version {version} (it has "
+                f"{', '.join(map(str, sorted(found)))})"
+            )
         found = [version]
     problems = []
     for number in found:
@@ -298,10 +319,15 @@ def choose_export(run_dir: Path, model_name: str, overrides: list[str],
             return path, durable.verify_dir(path)
         except durable.CorruptArtifact as exc:
             problems.append(str(exc))
-            print(f"warning: export {path} failed verification ({exc}); skipped",
-                  file=sys.stderr, flush=True)
-    raise PipelineError(f"no export of {run_dir} verifies ({problems[0]}). Export it again "
-                        f"with: python -m pipeline export {' '.join(overrides)}".rstrip())
+            print(
+                f"warning: export {path} failed verification ({exc}); skipped",
+                file=sys.stderr,
+                flush=True,
+            )
+    raise PipelineError(
+        f"no export of {run_dir} verifies ({problems[0]}). Export it again "
+        f"with: python -m pipeline export {' '.join(overrides)}".rstrip()
+    )
 
 
 def classify(export: Path, images: np.ndarray) -> np.ndarray:
@@ -313,23 +339,32 @@ def classify(export: Path, images: np.ndarray) -> np.ndarray:
         serve = tf.saved_model.load(str(export)).signatures["serving_default"]
     except (OSError, KeyError, ValueError, tf.errors.OpError) as exc:
         raise PipelineError(f"cannot load the SavedModel {export} ({exc})") from exc
-    parts = [serve(image=tf.constant(images[i:i + CHUNK]))["probabilities"].numpy()
-             for i in range(0, len(images), CHUNK)]
+    parts = [
+        serve(image=tf.constant(images[i : i + CHUNK]))["probabilities"].numpy()
+        for i in range(0, len(images), CHUNK)
+    ]
     return np.concatenate(parts)
 
 
-def write_json(path: Path, export: Path, meta: dict[str, Any], inputs: Inputs,
-               probabilities: np.ndarray) -> None:
+def write_json(
+    path: Path, export: Path, meta: dict[str, Any], inputs: Inputs, probabilities: np.ndarray
+) -> None:
     results = []
     for name, label, probs in zip(inputs.names, inputs.labels, probabilities, strict=True):
-        result: dict[str, Any] = {"input": name, "class_id": int(np.argmax(probs)),
-                                  "probability": float(np.max(probs)),
-                                  "probabilities": [float(p) for p in probs]}
+        result: dict[str, Any] = {
+            "input": name,
+            "class_id": int(np.argmax(probs)),
+            "probability": float(np.max(probs)),
+            "probabilities": [float(p) for p in probs],
+        }
         if label is not None:
             result["label"] = label
         results.append(result)
-    body = {"export": str(export), "checkpoint_step": meta.get("checkpoint_step"),
-            "results": results}
+    body = {
+        "export": str(export),
+        "checkpoint_step": meta.get("checkpoint_step"),
+        "results": results,
+    }
     try:
         durable.write_bytes(path, (json.dumps(body, indent=2) + "\n").encode())
     except (OSError, PipelineError) as exc:
@@ -347,8 +382,11 @@ def run(args: list[str]) -> int:
     run_dir, model_name = choose_run(overrides)
     export, meta = choose_export(run_dir, model_name, overrides, opts.version)
     inputs = read_inputs(opts.files, opts.test_index, run_dir)
-    print(f"predict: {export} (checkpoint step {meta.get('checkpoint_step')})",
-          file=sys.stderr, flush=True)
+    print(
+        f"predict: {export} (checkpoint step {meta.get('checkpoint_step')})",
+        file=sys.stderr,
+        flush=True,
+    )
     probabilities = classify(export, np.stack(inputs.images))
     for name, probs in zip(inputs.names, probabilities, strict=True):
         print(f"{name}: class {int(np.argmax(probs))} (p={float(np.max(probs)):.3f})")

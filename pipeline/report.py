@@ -68,8 +68,9 @@ def hparam_values(run_dir: Path, which: str) -> dict[str, bool | int | float | s
     flat["evaluate.checkpoint"] = which
     values: dict[str, bool | int | float | str] = {}
     for key, value in sorted(flat.items()):
-        if any(key == skip or (skip.endswith(".") and key.startswith(skip))
-               for skip in NOT_HPARAMS):
+        if any(
+            key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in NOT_HPARAMS
+        ):
             continue
         if value is None:
             values[key] = "null"
@@ -85,14 +86,22 @@ def model_graph_def(model: Any, input_shape: tuple[int, ...]) -> bytes:
     import tensorflow as tf
 
     fn = tf.function(lambda x: model(x, training=False))
-    concrete = fn.get_concrete_function(tf.TensorSpec([None, *input_shape], tf.float32,
-                                                      name="image"))
+    concrete = fn.get_concrete_function(
+        tf.TensorSpec([None, *input_shape], tf.float32, name="image")
+    )
     return concrete.graph.as_graph_def().SerializeToString()
 
 
-def record_evaluation(run_dir: Path, step: int, which: str, labels: np.ndarray,
-                      logits: np.ndarray, images: np.ndarray, metrics: dict[str, Any],
-                      graph_def: bytes | None = None) -> None:
+def record_evaluation(
+    run_dir: Path,
+    step: int,
+    which: str,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    images: np.ndarray,
+    metrics: dict[str, Any],
+    graph_def: bytes | None = None,
+) -> None:
     """Save the test predictions and write the evaluation's TensorBoard summaries at `step`.
 
     Idempotent: summaries an earlier evaluation wrote for the same step (and the run's
@@ -104,16 +113,27 @@ def record_evaluation(run_dir: Path, step: int, which: str, labels: np.ndarray,
     probabilities = visuals.softmax(logits).astype(np.float32)
     worst = visuals.worst_mistakes(labels, probabilities, WORST)
     worst_images = np.asarray(images)[worst].reshape(-1, 28, 28).astype(np.uint8)
-    durable.write_file(run_dir / PREDICTIONS, lambda tmp: np.savez_compressed(
-        tmp, labels=labels, probabilities=probabilities, checkpoint_step=np.int64(step),
-        worst_index=worst.astype(np.int64), worst_images=worst_images))
+    durable.write_file(
+        run_dir / PREDICTIONS,
+        lambda tmp: np.savez_compressed(
+            tmp,
+            labels=labels,
+            probabilities=probabilities,
+            checkpoint_step=np.int64(step),
+            worst_index=worst.astype(np.int64),
+            worst_images=worst_images,
+        ),
+    )
 
     counts = visuals.confusion_matrix(labels, probabilities.argmax(axis=-1))
     title = f"Confusion matrix, checkpoint step {step} ({which})"
     confusion_png = visuals.confusion_matrix_png(counts, title)
     mistakes_png = visuals.mistakes_grid_png(
-        worst_images, labels[worst], probabilities[worst],
-        f"Most confident mistakes, checkpoint step {step}")
+        worst_images,
+        labels[worst],
+        probabilities[worst],
+        f"Most confident mistakes, checkpoint step {step}",
+    )
 
     tb_dir = run_dir / "tensorboard"
 
@@ -121,8 +141,9 @@ def record_evaluation(run_dir: Path, step: int, which: str, labels: np.ndarray,
         if event.graph_def:
             return graph_def is not None
         tags = {value.tag for value in event.summary.value}
-        return bool(tags) and (tags <= HPARAMS_TAGS or
-                               (event.step == step and tags <= EVALUATE_TAGS))
+        return bool(tags) and (
+            tags <= HPARAMS_TAGS or (event.step == step and tags <= EVALUATE_TAGS)
+        )
 
     tb_dir.mkdir(parents=True, exist_ok=True)
     tblog.drop_events(tb_dir, stale)
@@ -133,8 +154,7 @@ def record_evaluation(run_dir: Path, step: int, which: str, labels: np.ndarray,
         events.scalar(TAG_ACCURACY, metrics["test_accuracy"], step)
         events.scalar(TAG_LOSS, metrics["test_loss"], step)
         created = durable.read_record(run_dir / "run.json").get("created")
-        events.hparams(hparam_values(run_dir, which), group_name=run_dir.name,
-                       start_time=created)
+        events.hparams(hparam_values(run_dir, which), group_name=run_dir.name, start_time=created)
         if graph_def is not None:
             events.graph(graph_def, step)
     finally:
@@ -174,8 +194,9 @@ def read_events(path: Path) -> list[Any]:
     return events
 
 
-def tensorboard_sessions(tb_dir: Path) -> tuple[dict[str, list[tuple[int, float]]],
-                                                list[dict[str, Any]]]:
+def tensorboard_sessions(
+    tb_dir: Path,
+) -> tuple[dict[str, list[tuple[int, float]]], list[dict[str, Any]]]:
     """Scalars by tag (step, value; a later file wins a step) and, per event file that holds
     training steps, its step range, wall time and throughput."""
     from pipeline import tblog
@@ -193,11 +214,16 @@ def tensorboard_sessions(tb_dir: Path) -> tuple[dict[str, list[tuple[int, float]
         if train:
             (first_step, first_time), (last_step, last_time) = train[0], train[-1]
             seconds = last_time - first_time
-            sessions.append({"file": path.name, "first_step": first_step,
-                             "last_step": last_step, "started": first_time,
-                             "seconds": seconds,
-                             "steps_per_second": (last_step - first_step) / seconds
-                             if seconds > 0 else None})
+            sessions.append(
+                {
+                    "file": path.name,
+                    "first_step": first_step,
+                    "last_step": last_step,
+                    "started": first_time,
+                    "seconds": seconds,
+                    "steps_per_second": (last_step - first_step) / seconds if seconds > 0 else None,
+                }
+            )
     return {tag: sorted(values.items()) for tag, values in scalars.items()}, sessions
 
 
@@ -207,22 +233,33 @@ def inventory(run_dir: Path) -> list[dict[str, Any]]:
     candidates: list[tuple[str, Path]] = [("data cache", run_dir / "data")]
     ckpt_root = run_dir / "checkpoints"
     if ckpt_root.is_dir():
-        candidates += [("checkpoint", p) for p in sorted(ckpt_root.iterdir())
-                       if p.is_dir() and p.name.startswith("step-")]
+        candidates += [
+            ("checkpoint", p)
+            for p in sorted(ckpt_root.iterdir())
+            if p.is_dir() and p.name.startswith("step-")
+        ]
     export_root = run_dir / "export"
     if export_root.is_dir():
         for model_root in sorted(p for p in export_root.iterdir() if p.is_dir()):
-            versions = [p for p in model_root.iterdir() if p.is_dir()
-                        and not p.name.startswith(".")]
-            versions.sort(key=lambda p: (not p.name.isdigit(),
-                                         int(p.name) if p.name.isdigit() else 0, p.name))
+            versions = [
+                p for p in model_root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            ]
+            versions.sort(
+                key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
+            )
             candidates += [("export", p) for p in versions]
     rows = []
     for kind, path in candidates:
         if not path.is_dir():
             continue
-        row: dict[str, Any] = {"kind": kind, "path": path, "files": [], "meta": {},
-                               "status": "verified", "ok": True}
+        row: dict[str, Any] = {
+            "kind": kind,
+            "path": path,
+            "files": [],
+            "meta": {},
+            "status": "verified",
+            "ok": True,
+        }
         if ".corrupt" in path.name:
             row.update(status="set aside as corrupt", ok=False)
         try:
@@ -278,10 +315,16 @@ img{max-width:100%;height:auto;border:1px solid #eee}
 .fig{margin:8px 0}
 """
 
-SECTIONS = (("summary", "Summary"), ("curves", "Learning curves"),
-            ("evaluation", "Test evaluation"), ("config", "Configuration"),
-            ("timings", "Timings"), ("resumes", "Resume history"),
-            ("inventory", "Checkpoints and exports"), ("model", "Model"))
+SECTIONS = (
+    ("summary", "Summary"),
+    ("curves", "Learning curves"),
+    ("evaluation", "Test evaluation"),
+    ("config", "Configuration"),
+    ("timings", "Timings"),
+    ("resumes", "Resume history"),
+    ("inventory", "Checkpoints and exports"),
+    ("model", "Model"),
+)
 
 
 def esc(value: Any) -> str:
@@ -291,8 +334,10 @@ def esc(value: Any) -> str:
 def _img(png: bytes, alt: str, tag: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     width, _ = visuals.png_size(png)
-    return (f'<div class="fig"><img data-figure="{esc(tag)}" alt="{esc(alt)}" '
-            f'width="{width}" src="data:image/png;base64,{data}"></div>')
+    return (
+        f'<div class="fig"><img data-figure="{esc(tag)}" alt="{esc(alt)}" '
+        f'width="{width}" src="data:image/png;base64,{data}"></div>'
+    )
 
 
 def _when(timestamp: float | None) -> str:
@@ -330,8 +375,13 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]], numeric: set[int] | None = None,
-           cls: str = "", column_classes: dict[int, str] | None = None) -> str:
+def _table(
+    header: list[str],
+    rows: list[list[str]],
+    numeric: set[int] | None = None,
+    cls: str = "",
+    column_classes: dict[int, str] | None = None,
+) -> str:
     classes = {i: "num" for i in numeric or set()} | (column_classes or {})
 
     def cell(tag: str, i: int, content: str) -> str:
@@ -339,8 +389,9 @@ def _table(header: list[str], rows: list[list[str]], numeric: set[int] | None = 
         return f"<{tag}{attr}>{content}</{tag}>"
 
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>"
-                   for r in rows)
+    body = "".join(
+        "<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>" for r in rows
+    )
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -359,70 +410,120 @@ def _summary(info: dict[str, Any], metrics: dict[str, Any] | None, loop: dict[st
         ("resumes", esc(len(loop.get("resumes", [])))),
         ("disk", _size(info["disk_bytes"])),
     ]
-    html_cards = "".join(f'<div class="card"><b>{value}</b><span>{esc(label)}</span></div>'
-                         for label, value in cards)
+    html_cards = "".join(
+        f'<div class="card"><b>{value}</b><span>{esc(label)}</span></div>' for label, value in cards
+    )
     stages = ", ".join(info["stages_done"]) or "none"
     extra = f'<p class="note">{esc(info["message"])}</p>' if info.get("message") else ""
-    return (f'<div class="cards">{html_cards}</div><p>State: <b>{esc(info["state"])}</b>; '
-            f"stages done: {esc(stages)}.</p>{extra}")
+    return (
+        f'<div class="cards">{html_cards}</div><p>State: <b>{esc(info["state"])}</b>; '
+        f"stages done: {esc(stages)}.</p>{extra}"
+    )
 
 
-def _curves(history: list[dict[str, Any]], scalars: dict[str, list[tuple[int, float]]],
-            resumes: list[dict[str, Any]]) -> str:
+def _curves(
+    history: list[dict[str, Any]],
+    scalars: dict[str, list[tuple[int, float]]],
+    resumes: list[dict[str, Any]],
+) -> str:
     if not history and not scalars.get("train/loss"):
         return '<p class="muted">No training steps logged yet.</p>'
     step_scalars: dict[str, Sequence[tuple[int, float]]] = {
-        tag: scalars[tag] for tag in ("train/loss", "train/accuracy") if tag in scalars}
-    png = visuals.learning_curves_png(history, step_scalars,
-                                      [r["step"] for r in resumes if r.get("step")])
-    rows = [[esc(r.get("epoch")), esc(r.get("step")), _num(r.get("loss")),
-             _pct(r.get("accuracy")), _num(r.get("val_loss")), _pct(r.get("val_accuracy"))]
-            for r in history]
-    table = _table(["epoch", "step", "train loss", "train accuracy", "val loss",
-                    "val accuracy"], rows, numeric={0, 1, 2, 3, 4, 5}, cls="history")
-    return _img(png, "learning curves: loss and accuracy against step", "learning_curves") \
-        + "<h3>Per epoch</h3>" + table
+        tag: scalars[tag] for tag in ("train/loss", "train/accuracy") if tag in scalars
+    }
+    png = visuals.learning_curves_png(
+        history, step_scalars, [r["step"] for r in resumes if r.get("step")]
+    )
+    rows = [
+        [
+            esc(r.get("epoch")),
+            esc(r.get("step")),
+            _num(r.get("loss")),
+            _pct(r.get("accuracy")),
+            _num(r.get("val_loss")),
+            _pct(r.get("val_accuracy")),
+        ]
+        for r in history
+    ]
+    table = _table(
+        ["epoch", "step", "train loss", "train accuracy", "val loss", "val accuracy"],
+        rows,
+        numeric={0, 1, 2, 3, 4, 5},
+        cls="history",
+    )
+    return (
+        _img(png, "learning curves: loss and accuracy against step", "learning_curves")
+        + "<h3>Per epoch</h3>"
+        + table
+    )
 
 
-def _evaluation(predictions: dict[str, np.ndarray] | None, problem: str | None,
-                metrics: dict[str, Any] | None) -> str:
+def _evaluation(
+    predictions: dict[str, np.ndarray] | None, problem: str | None, metrics: dict[str, Any] | None
+) -> str:
     if predictions is None:
-        why = problem or (f"No {PREDICTIONS} yet: run the evaluate stage "
-                          "(python -m pipeline evaluate run.name=...).")
+        why = problem or (
+            f"No {PREDICTIONS} yet: run the evaluate stage "
+            "(python -m pipeline evaluate run.name=...)."
+        )
         return f'<p class="note">{esc(why)}</p>'
     labels, probabilities = predictions["labels"], predictions["probabilities"]
     step = int(predictions["checkpoint_step"])
     counts = visuals.confusion_matrix(labels, probabilities.argmax(axis=-1))
     parts = []
     if metrics and metrics.get("checkpoint_step") != step:
-        parts.append(f'<p class="note">These predictions are from step {step}, but '
-                     f'metrics.json is from step {esc(metrics.get("checkpoint_step"))}.</p>')
+        parts.append(
+            f'<p class="note">These predictions are from step {step}, but '
+            f"metrics.json is from step {esc(metrics.get('checkpoint_step'))}.</p>"
+        )
     which = (metrics or {}).get("checkpoint", "")
-    parts.append(f"<p>Checkpoint step {step}{f' ({esc(which)})' if which else ''}, "
-                 f"{len(labels)} test images, accuracy "
-                 f"{_pct(float(np.trace(counts)) / max(len(labels), 1))}.</p>")
-    rows = [[esc(r["class"]), esc(r["support"]), esc(r["predicted"]), esc(r["correct"]),
-             _pct(r["precision"]), _pct(r["recall"]), _num(r["f1"], 3)]
-            for r in visuals.per_class_metrics(counts)]
-    table = _table(["class", "true", "predicted", "correct", "precision", "recall", "F1"],
-                   rows, numeric={0, 1, 2, 3, 4, 5, 6}, cls="per-class")
-    confusion = _img(visuals.confusion_matrix_png(counts, f"Confusion matrix, step {step}"),
-                     "confusion matrix: rows true class, columns predicted class",
-                     "confusion_matrix")
-    parts.append(f'<div class="row"><div>{confusion}</div><div><h3>Per class</h3>'
-                 f"{table}</div></div>")
+    parts.append(
+        f"<p>Checkpoint step {step}{f' ({esc(which)})' if which else ''}, "
+        f"{len(labels)} test images, accuracy "
+        f"{_pct(float(np.trace(counts)) / max(len(labels), 1))}.</p>"
+    )
+    rows = [
+        [
+            esc(r["class"]),
+            esc(r["support"]),
+            esc(r["predicted"]),
+            esc(r["correct"]),
+            _pct(r["precision"]),
+            _pct(r["recall"]),
+            _num(r["f1"], 3),
+        ]
+        for r in visuals.per_class_metrics(counts)
+    ]
+    table = _table(
+        ["class", "true", "predicted", "correct", "precision", "recall", "F1"],
+        rows,
+        numeric={0, 1, 2, 3, 4, 5, 6},
+        cls="per-class",
+    )
+    confusion = _img(
+        visuals.confusion_matrix_png(counts, f"Confusion matrix, step {step}"),
+        "confusion matrix: rows true class, columns predicted class",
+        "confusion_matrix",
+    )
+    parts.append(
+        f'<div class="row"><div>{confusion}</div><div><h3>Per class</h3>{table}</div></div>'
+    )
     worst = predictions["worst_index"]
-    grid = visuals.mistakes_grid_png(predictions["worst_images"], labels[worst],
-                                     probabilities[worst],
-                                     f"The {len(worst)} most confident mistakes")
-    parts.append("<h3>Worst mistakes</h3><p>Wrong predictions made with the highest "
-                 "probability, captioned true class / predicted class (probability).</p>")
+    grid = visuals.mistakes_grid_png(
+        predictions["worst_images"],
+        labels[worst],
+        probabilities[worst],
+        f"The {len(worst)} most confident mistakes",
+    )
+    parts.append(
+        "<h3>Worst mistakes</h3><p>Wrong predictions made with the highest "
+        "probability, captioned true class / predicted class (probability).</p>"
+    )
     parts.append(_img(grid, "the most confident wrong predictions", "worst_mistakes"))
     return "\n".join(parts)
 
 
-def _config(record: dict[str, Any] | None, problem: str | None,
-            fit: dict[str, Any] | None) -> str:
+def _config(record: dict[str, Any] | None, problem: str | None, fit: dict[str, Any] | None) -> str:
     if record is None:
         return f'<p class="note">run.json: {esc(problem)}</p>'
     identity = set(record.get("identity", {}))
@@ -435,14 +536,19 @@ def _config(record: dict[str, Any] | None, problem: str | None,
         if key in identity:
             shown += ' <span class="tag" title="part of the run\'s identity">id</span>'
         groups.setdefault(group or "top level", []).append(
-            [f'<code title="{esc(key)}">{esc(name)}</code>', shown])
+            [f'<code title="{esc(key)}">{esc(name)}</code>', shown]
+        )
     order = ["data", "model", "optimizer", "fit", "top level"]
     names = sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
-    tables = "".join(f"<div><h3>{esc(g)}</h3>{_table(['key', 'value'], groups[g], cls='config')}"
-                     "</div>" for g in names)
-    return ("<p>As recorded when the run was created (<code>run.json</code>). Keys marked "
-            '<span class="tag">id</span> are the run\'s identity: changing one needs a new run.'
-            f'</p><div class="groups">{tables}</div>')
+    tables = "".join(
+        f"<div><h3>{esc(g)}</h3>{_table(['key', 'value'], groups[g], cls='config')}</div>"
+        for g in names
+    )
+    return (
+        "<p>As recorded when the run was created (<code>run.json</code>). Keys marked "
+        '<span class="tag">id</span> are the run\'s identity: changing one needs a new run.'
+        f'</p><div class="groups">{tables}</div>'
+    )
 
 
 def _timings(run_dir: Path, sessions: list[dict[str, Any]]) -> str:
@@ -454,29 +560,51 @@ def _timings(run_dir: Path, sessions: list[dict[str, Any]]) -> str:
             continue
         finished = rec.get("finished")
         took = rec.get("seconds", rec.get("seconds_this_session"))
-        gap: float | None = (finished - previous if finished is not None
-                             and previous is not None else None)
+        gap: float | None = (
+            finished - previous if finished is not None and previous is not None else None
+        )
         detail = {
             "data": lambda r: f"source {r.get('source', '-')}",
             "model": lambda r: f"{r.get('parameters', '-')} parameters",
             "fit": lambda r: f"{r.get('epochs', '-')} epochs, step {r.get('global_step', '-')}",
-            "evaluate": lambda r: f"step {r.get('checkpoint_step', '-')}, test accuracy "
-                                  f"{_pct(r.get('test_accuracy'))}",
+            "evaluate": lambda r: (
+                f"step {r.get('checkpoint_step', '-')}, test accuracy "
+                f"{_pct(r.get('test_accuracy'))}"
+            ),
             "export": lambda r: _relative(r.get("path", "-"), run_dir),
         }[stage](rec)
         rows.append([esc(stage), _when(finished), _duration(took), _duration(gap), esc(detail)])
         previous = finished if finished is not None else previous
-    out = _table(["stage", "finished", "took", "after previous stage", ""], rows,
-                 numeric={2, 3}, cls="stages", column_classes={1: "nowrap"})
-    out += ('<p class="muted">"took" is recorded for fit (this session\'s training time); '
-            '"after previous stage" is the time between finish stamps, which includes other '
-            "sessions if the stages ran in different ones.</p>")
+    out = _table(
+        ["stage", "finished", "took", "after previous stage", ""],
+        rows,
+        numeric={2, 3},
+        cls="stages",
+        column_classes={1: "nowrap"},
+    )
+    out += (
+        '<p class="muted">"took" is recorded for fit (this session\'s training time); '
+        '"after previous stage" is the time between finish stamps, which includes other '
+        "sessions if the stages ran in different ones.</p>"
+    )
     if sessions:
-        srows = [[esc(s["file"]), _when(s["started"]), f'{s["first_step"]}–{s["last_step"]}',
-                  _duration(s["seconds"]), _num(s["steps_per_second"], 1)] for s in sessions]
+        srows = [
+            [
+                esc(s["file"]),
+                _when(s["started"]),
+                f"{s['first_step']}–{s['last_step']}",
+                _duration(s["seconds"]),
+                _num(s["steps_per_second"], 1),
+            ]
+            for s in sessions
+        ]
         out += "<h3>Training sessions (TensorBoard event files)</h3>" + _table(
             ["event file", "first step logged at", "steps logged", "wall time", "steps/s"],
-            srows, numeric={3, 4}, cls="sessions", column_classes={1: "nowrap"})
+            srows,
+            numeric={3, 4},
+            cls="sessions",
+            column_classes={1: "nowrap"},
+        )
     return out
 
 
@@ -490,12 +618,21 @@ def _relative(path: str, run_dir: Path) -> str:
 def _resumes(resumes: list[dict[str, Any]]) -> str:
     if not resumes:
         return "<p>Never resumed: trained in one session.</p>"
-    rows = [[esc(i + 1), esc(r.get("step")), esc(r.get("epoch", 0) + 1), _when(r.get("time"))]
-            for i, r in enumerate(resumes)]
-    return (f"<p>Resumed {_plural(len(resumes), 'time')}; each session continued exactly "
-            "from the checkpoint named here (the dashed lines in the learning curves).</p>"
-            + _table(["#", "resumed from step", "in epoch", "at"], rows, numeric={0, 1, 2},
-                     cls="resumes", column_classes={3: "nowrap"}))
+    rows = [
+        [esc(i + 1), esc(r.get("step")), esc(r.get("epoch", 0) + 1), _when(r.get("time"))]
+        for i, r in enumerate(resumes)
+    ]
+    return (
+        f"<p>Resumed {_plural(len(resumes), 'time')}; each session continued exactly "
+        "from the checkpoint named here (the dashed lines in the learning curves).</p>"
+        + _table(
+            ["#", "resumed from step", "in epoch", "at"],
+            rows,
+            numeric={0, 1, 2},
+            cls="resumes",
+            column_classes={3: "nowrap"},
+        )
+    )
 
 
 def _inventory(run_dir: Path, rows: list[dict[str, Any]]) -> str:
@@ -504,25 +641,43 @@ def _inventory(run_dir: Path, rows: list[dict[str, Any]]) -> str:
     parts = []
     for row in rows:
         rel = row["path"].relative_to(run_dir)
-        status = (f'<span class="ok">{esc(row["status"])}</span>' if row["ok"]
-                  else f'<span class="bad">{esc(row["status"])}</span>')
+        status = (
+            f'<span class="ok">{esc(row["status"])}</span>'
+            if row["ok"]
+            else f'<span class="bad">{esc(row["status"])}</span>'
+        )
         meta = row["meta"]
-        bits = [f"step {meta['step']}" if "step" in meta else "",
-                f"from checkpoint step {meta['checkpoint_step']}"
-                if "checkpoint_step" in meta else ""]
+        bits = [
+            f"step {meta['step']}" if "step" in meta else "",
+            f"from checkpoint step {meta['checkpoint_step']}" if "checkpoint_step" in meta else "",
+        ]
         info = ", ".join(b for b in bits if b)
         total = sum(f["size"] for _, f in row["files"])
-        summary = "; ".join(b for b in (info, f'{_plural(len(row["files"]), "file")}, '
-                                               f"{_size(total)}") if b)
-        parts.append(f'<h3>{esc(row["kind"])} <code>{esc(rel)}</code> {status}</h3>'
-                     f'<p class="muted">{esc(summary)}</p>')
-        files = [[f"<code>{esc(rel / name)}</code>", f'<span title="{f["size"]} bytes">'
-                  f'{_size(f["size"])}</span>', f'<code>{esc(f["sha256"])}</code>']
-                 for name, f in row["files"]]
+        summary = "; ".join(
+            b for b in (info, f"{_plural(len(row['files']), 'file')}, {_size(total)}") if b
+        )
+        parts.append(
+            f"<h3>{esc(row['kind'])} <code>{esc(rel)}</code> {status}</h3>"
+            f'<p class="muted">{esc(summary)}</p>'
+        )
+        files = [
+            [
+                f"<code>{esc(rel / name)}</code>",
+                f'<span title="{f["size"]} bytes">{_size(f["size"])}</span>',
+                f"<code>{esc(f['sha256'])}</code>",
+            ]
+            for name, f in row["files"]
+        ]
         if files:
-            parts.append(_table(["file", "size", "sha256 (from MANIFEST.json)"], files,
-                                numeric={1}, cls="files",
-                                column_classes={0: "path", 2: "sha"}))
+            parts.append(
+                _table(
+                    ["file", "size", "sha256 (from MANIFEST.json)"],
+                    files,
+                    numeric={1},
+                    cls="files",
+                    column_classes={0: "path", 2: "sha"},
+                )
+            )
     return "\n".join(parts)
 
 
@@ -545,27 +700,34 @@ def render(run_dir: Path) -> str:
     scalars, sessions = tensorboard_sessions(run_dir / "tensorboard")
     predictions, problem = load_predictions(run_dir)
     summary_txt = run_dir / "model_summary.txt"
-    model = (f"<pre>{esc(summary_txt.read_text())}</pre>" if summary_txt.exists()
-             else '<p class="muted">No model summary yet.</p>')
-    body = "".join([
-        _section("summary", _summary(info, metrics, loop)),
-        _section("curves", _curves(loop.get("history", []), scalars, loop.get("resumes", []))),
-        _section("evaluation", _evaluation(predictions, problem, metrics)),
-        _section("config", _config(run_record, run_problem, fit)),
-        _section("timings", _timings(run_dir, sessions)),
-        _section("resumes", _resumes(loop.get("resumes", []))),
-        _section("inventory", _inventory(run_dir, inventory(run_dir))),
-        _section("model", model),
-    ])
+    model = (
+        f"<pre>{esc(summary_txt.read_text())}</pre>"
+        if summary_txt.exists()
+        else '<p class="muted">No model summary yet.</p>'
+    )
+    body = "".join(
+        [
+            _section("summary", _summary(info, metrics, loop)),
+            _section("curves", _curves(loop.get("history", []), scalars, loop.get("resumes", []))),
+            _section("evaluation", _evaluation(predictions, problem, metrics)),
+            _section("config", _config(run_record, run_problem, fit)),
+            _section("timings", _timings(run_dir, sessions)),
+            _section("resumes", _resumes(loop.get("resumes", []))),
+            _section("inventory", _inventory(run_dir, inventory(run_dir))),
+            _section("model", model),
+        ]
+    )
     nav = " ".join(f'<a href="#{key}">{esc(title)}</a>' for key, title in SECTIONS)
     generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     latest = Path(info["latest_checkpoint"]).name if info["latest_checkpoint"] else "-"
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>Run {esc(run_dir.name)}: report</title><style>{CSS}</style></head>\n"
-            f"<body><main><h1>Run <code>{esc(run_dir.name)}</code></h1>"
-            f'<p class="sub">{esc(run_dir)} · report generated {generated} · '
-            f"newest checkpoint {esc(latest)}"
-            f"</p><nav>{nav}</nav>\n{body}</main></body></html>\n")
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Run {esc(run_dir.name)}: report</title><style>{CSS}</style></head>\n"
+        f"<body><main><h1>Run <code>{esc(run_dir.name)}</code></h1>"
+        f'<p class="sub">{esc(run_dir)} · report generated {generated} · '
+        f"newest checkpoint {esc(latest)}"
+        f"</p><nav>{nav}</nav>\n{body}</main></body></html>\n"
+    )
 
 
 def write_report(run_dir: Path) -> Path:

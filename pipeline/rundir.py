@@ -1,15 +1,15 @@
 """A run directory: its lock (one writer at a time), its identity, and its stage records.
 
-    outputs/<run name>/
-      .lock                  flock'ed by the process working on the run (pid, host, start)
-      run.json               identity config + session history (a checksummed record)
-      stages/<stage>.json    written when a stage finishes; a finished stage is skipped
-      data/                  prepared data cache (committed directory with manifest)
-      checkpoints/step-N/    training checkpoints (committed directories)
-      tensorboard/           event files
-      metrics.json           test metrics of the evaluated checkpoint
-      export/<model>/<ver>/  SavedModel (TF Serving layout) + .keras, .h5, .tflite, model card
-      pipeline.log           the log of every session (Hydra's job log)
+outputs/<run name>/
+  .lock                  flock'ed by the process working on the run (pid, host, start)
+  run.json               identity config + session history (a checksummed record)
+  stages/<stage>.json    written when a stage finishes; a finished stage is skipped
+  data/                  prepared data cache (committed directory with manifest)
+  checkpoints/step-N/    training checkpoints (committed directories)
+  tensorboard/           event files
+  metrics.json           test metrics of the evaluated checkpoint
+  export/<model>/<ver>/  SavedModel (TF Serving layout) + .keras, .h5, .tflite, model card
+  pipeline.log           the log of every session (Hydra's job log)
 """
 
 from __future__ import annotations
@@ -28,8 +28,18 @@ from pipeline.errors import ConfigError, PipelineError, RunLocked
 
 STAGES = ("data", "model", "fit", "evaluate", "export")
 # What run.restart=true removes; Hydra's .hydra/ and the log stay, so history is not lost.
-ARTIFACTS = ("run.json", "stages", "data", "checkpoints", "tensorboard", "metrics.json",
-             "export", "model_summary.txt", "predictions.npz", "report.html")
+ARTIFACTS = (
+    "run.json",
+    "stages",
+    "data",
+    "checkpoints",
+    "tensorboard",
+    "metrics.json",
+    "export",
+    "model_summary.txt",
+    "predictions.npz",
+    "report.html",
+)
 
 
 class RunLock:
@@ -51,9 +61,13 @@ class RunLock:
             raise RunLocked(
                 f"Run {self.path.parent} is in use by pid {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')} since {holder.get('started', '?')}. Wait for it to "
-                "finish, stop it, or use another run.name=...") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "finish, stop it, or use another run.name=..."
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd = fd
@@ -81,8 +95,9 @@ def select_runs(command: str, args: list[str], flags: tuple[str, ...] = ()) -> l
     unknown += [k for k in options if k not in ("run.name", "run.outputs")]
     if unknown:
         allowed = ["run.name=NAME", "run.outputs=DIR", *flags]
-        raise ConfigError(f"{command} takes {', '.join(allowed[:-1])} and {allowed[-1]}, "
-                          f"not {unknown[0]}")
+        raise ConfigError(
+            f"{command} takes {', '.join(allowed[:-1])} and {allowed[-1]}, not {unknown[0]}"
+        )
     outputs = Path(options.get("run.outputs", "outputs"))
     if "run.name" not in options:
         return sorted(p.parent for p in outputs.glob("*/run.json"))
@@ -123,29 +138,41 @@ def restart(run_dir: Path) -> None:
             path.unlink()
 
 
-def check_identity(run_dir: Path, identity: dict[str, Any], full_config: dict[str, Any],
-                   defaults: dict[str, Any] | None = None) -> None:
+def check_identity(
+    run_dir: Path,
+    identity: dict[str, Any],
+    full_config: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Record the run's identity on first use; refuse a different one later.
 
     A key the run's record does not have (added to the schema since) matches its default value.
     """
     record_path = run_dir / "run.json"
     if not record_path.exists():
-        durable.write_record(record_path, {"identity": identity, "config": full_config,
-                                           "created": time.time()})
+        durable.write_record(
+            record_path, {"identity": identity, "config": full_config, "created": time.time()}
+        )
         return
     try:
         stored = durable.read_record(record_path)["identity"]
     except (durable.CorruptArtifact, KeyError, TypeError) as exc:
-        raise PipelineError(f"{record_path} is damaged ({exc}), so this run's config cannot be "
-                            "checked. Restore it, or start over with run.restart=true") from exc
+        raise PipelineError(
+            f"{record_path} is damaged ({exc}), so this run's config cannot be "
+            "checked. Restore it, or start over with run.restart=true"
+        ) from exc
     stored = {**{k: v for k, v in (defaults or {}).items() if k in identity}, **stored}
-    diffs = [f"{key}: {stored.get(key, '<unset>')!r} -> {identity.get(key, '<unset>')!r}"
-             for key in sorted(set(stored) | set(identity)) if stored.get(key) != identity.get(key)]
+    diffs = [
+        f"{key}: {stored.get(key, '<unset>')!r} -> {identity.get(key, '<unset>')!r}"
+        for key in sorted(set(stored) | set(identity))
+        if stored.get(key) != identity.get(key)
+    ]
     if diffs:
-        raise ConfigError(f"Run {run_dir} was made with a different config ({'; '.join(diffs)})."
-                          " Use run.name=<new name> for a new run, or run.restart=true to "
-                          "discard this one and start over.")
+        raise ConfigError(
+            f"Run {run_dir} was made with a different config ({'; '.join(diffs)})."
+            " Use run.name=<new name> for a new run, or run.restart=true to "
+            "discard this one and start over."
+        )
 
 
 def stage_record(run_dir: Path, stage: str) -> dict[str, Any] | None:

@@ -66,8 +66,10 @@ def describe(run_dir: Path) -> dict[str, Any]:
 def by_monitored_metric(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best validation accuracy first (the metric fit monitors for the best checkpoint); runs
     without one last, by name."""
-    return sorted(rows, key=lambda r: (r["best_val_accuracy"] is None,
-                                       -(r["best_val_accuracy"] or 0.0), r["name"]))
+    return sorted(
+        rows,
+        key=lambda r: (r["best_val_accuracy"] is None, -(r["best_val_accuracy"] or 0.0), r["name"]),
+    )
 
 
 def _fmt(value: Any, pct: bool = False) -> str:
@@ -88,16 +90,37 @@ def _age(seconds: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ("RUN", "STATE", "STAGES DONE", "EPOCH", "STEP", "BEST VAL", "TEST ACC",
-              "CHECKPOINT", "DIRECTORY")
+    header = (
+        "RUN",
+        "STATE",
+        "STAGES DONE",
+        "EPOCH",
+        "STEP",
+        "BEST VAL",
+        "TEST ACC",
+        "CHECKPOINT",
+        "DIRECTORY",
+    )
     lines = [header]
     for r in rows:
-        lines.append((r["name"], r["state"], ",".join(r["stages_done"]) or "-", _fmt(r["epoch"]),
-                      _fmt(r["step"]), _fmt(r["best_val_accuracy"], True),
-                      _fmt(r["test_accuracy"], True), _age(r["checkpoint_age_s"]), r["dir"]))
+        lines.append(
+            (
+                r["name"],
+                r["state"],
+                ",".join(r["stages_done"]) or "-",
+                _fmt(r["epoch"]),
+                _fmt(r["step"]),
+                _fmt(r["best_val_accuracy"], True),
+                _fmt(r["test_accuracy"], True),
+                _age(r["checkpoint_age_s"]),
+                r["dir"],
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
 
 
 def main(args: list[str]) -> int:

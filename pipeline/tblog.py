@@ -32,8 +32,11 @@ def event_files(logdir: Path) -> list[Path]:
 
 def last_step(logdir: Path) -> int:
     """The highest step any event file records (0 if none)."""
-    steps = [Event.FromString(r).step for path in event_files(logdir)
-             for r in RawEventFileLoader(str(path)).Load()]
+    steps = [
+        Event.FromString(r).step
+        for path in event_files(logdir)
+        for r in RawEventFileLoader(str(path)).Load()
+    ]
     return max(steps, default=0)
 
 
@@ -66,6 +69,8 @@ def drop_events(logdir: Path, should_drop: Callable[[Event], bool]) -> int:
         dropped += len(records) - len(keep)
         durable.write_file(path, functools.partial(_write_records, records=keep))
     return dropped
+
+
 # --- end of additions for run visuals ---------------------------------------------------------
 
 
@@ -97,20 +102,33 @@ class EventLog:
 
     def session_start(self, step: int) -> None:
         """Mark where this session starts (TensorBoard shows restarts from these)."""
-        self._write(Event(wall_time=time.time(), step=step,
-                          session_log=SessionLog(status=SessionLog.START)))
+        self._write(
+            Event(wall_time=time.time(), step=step, session_log=SessionLog(status=SessionLog.START))
+        )
 
     # --- added for run visuals (evaluate-time images, hparams, graph) ----------------------------
-    def image(self, tag: str, png_bytes: bytes, step: int, width: int, height: int,
-              colorspace: int = 3) -> None:
+    def image(
+        self, tag: str, png_bytes: bytes, step: int, width: int, height: int, colorspace: int = 3
+    ) -> None:
         """A PNG as an image summary (colorspace 1 gray, 3 RGB, 4 RGBA)."""
-        image = Summary.Image(height=height, width=width, colorspace=colorspace,
-                              encoded_image_string=png_bytes)
-        self._write(Event(wall_time=time.time(), step=step,
-                          summary=Summary(value=[Summary.Value(tag=tag, image=image)])))
+        image = Summary.Image(
+            height=height, width=width, colorspace=colorspace, encoded_image_string=png_bytes
+        )
+        self._write(
+            Event(
+                wall_time=time.time(),
+                step=step,
+                summary=Summary(value=[Summary.Value(tag=tag, image=image)]),
+            )
+        )
 
-    def hparams(self, values: dict[str, Any], group_name: str, start_time: float | None = None,
-                step: int = 0) -> None:
+    def hparams(
+        self,
+        values: dict[str, Any],
+        group_name: str,
+        start_time: float | None = None,
+        step: int = 0,
+    ) -> None:
         """The HParams plugin's session start (these hyperparameter values) and end (success)
         for this run, so `tensorboard --logdir outputs` lists a sweep in one table. Values:
         bool, int, float or str. The metrics are this run's scalar tags."""
@@ -119,15 +137,22 @@ class EventLog:
 
         start = hparams_pb(values, trial_id=group_name, start_time_secs=start_time)
         self._write(Event(wall_time=time.time(), step=step, summary=start))
-        end = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
-            status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time()))
-        value = Summary.Value(tag=metadata.SESSION_END_INFO_TAG, tensor=metadata.NULL_TENSOR,
-                              metadata=metadata.create_summary_metadata(end))
+        end = plugin_data_pb2.HParamsPluginData(
+            session_end_info=plugin_data_pb2.SessionEndInfo(
+                status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time()
+            )
+        )
+        value = Summary.Value(
+            tag=metadata.SESSION_END_INFO_TAG,
+            tensor=metadata.NULL_TENSOR,
+            metadata=metadata.create_summary_metadata(end),
+        )
         self._write(Event(wall_time=time.time(), step=step, summary=Summary(value=[value])))
 
     def graph(self, graph_def: bytes, step: int = 0) -> None:
         """A serialized GraphDef, for TensorBoard's Graphs dashboard."""
         self._write(Event(wall_time=time.time(), step=step, graph_def=graph_def))
+
     # --- end of additions for run visuals ---------------------------------------------------
 
     def flush(self) -> None:

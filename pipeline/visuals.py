@@ -36,15 +36,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray,
-                     classes: int = CLASSES) -> np.ndarray:
+def confusion_matrix(
+    labels: np.ndarray, predicted: np.ndarray, classes: int = CLASSES
+) -> np.ndarray:
     """counts[true, predicted] as int64."""
     labels = np.asarray(labels, dtype=np.int64)
     predicted = np.asarray(predicted, dtype=np.int64)
     if labels.shape != predicted.shape:
         raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ")
     flat = np.bincount(labels * classes + predicted, minlength=classes * classes)
-    return flat[:classes * classes].reshape(classes, classes)
+    return flat[: classes * classes].reshape(classes, classes)
 
 
 def per_class_metrics(counts: np.ndarray) -> list[dict[str, Any]]:
@@ -62,8 +63,17 @@ def per_class_metrics(counts: np.ndarray) -> list[dict[str, Any]]:
             f1 = None
         else:
             f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"class": c, "support": support, "predicted": predicted,
-                     "correct": correct, "precision": precision, "recall": recall, "f1": f1})
+        rows.append(
+            {
+                "class": c,
+                "support": support,
+                "predicted": predicted,
+                "correct": correct,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+            }
+        )
     return rows
 
 
@@ -132,11 +142,16 @@ def confusion_matrix_png(counts: np.ndarray, title: str = "Confusion matrix") ->
     for t in range(n):
         for p in range(n):
             value = int(counts[t, p])
-            dark = (t == p and counts[t, p] / rows[t, 0] > 0.45) or (
-                t != p and value / worst > 0.5)
-            ax.text(p, t, str(value), ha="center", va="center",
-                    fontsize=10 if value < 1000 else 8,
-                    color="white" if dark else ("#bbbbbb" if value == 0 else "black"))
+            dark = (t == p and counts[t, p] / rows[t, 0] > 0.45) or (t != p and value / worst > 0.5)
+            ax.text(
+                p,
+                t,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=10 if value < 1000 else 8,
+                color="white" if dark else ("#bbbbbb" if value == 0 else "black"),
+            )
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xlabel("predicted", fontsize=12)
@@ -149,13 +164,19 @@ def confusion_matrix_png(counts: np.ndarray, title: str = "Confusion matrix") ->
     ax.tick_params(which="minor", length=0)
     total = int(counts.sum())
     accuracy = np.trace(counts) / total if total else 0.0
-    ax.set_title(f"{title}\n{total} test images, accuracy {100 * accuracy:.2f}%", fontsize=12,
-                 pad=10)
+    ax.set_title(
+        f"{title}\n{total} test images, accuracy {100 * accuracy:.2f}%", fontsize=12, pad=10
+    )
     return _png(fig)
 
 
-def mistakes_grid_png(images: np.ndarray, labels: Sequence[int], probabilities: np.ndarray,
-                      title: str = "Most confident mistakes", columns: int = 8) -> bytes:
+def mistakes_grid_png(
+    images: np.ndarray,
+    labels: Sequence[int],
+    probabilities: np.ndarray,
+    title: str = "Most confident mistakes",
+    columns: int = 8,
+) -> bytes:
     """A grid of digits (uint8 N×28×28, or N×784), each captioned "true 7 / pred 2 (0.98)"
     with the probability the model gave its (wrong) prediction."""
     images = np.asarray(images).reshape(-1, 28, 28)
@@ -179,16 +200,22 @@ def mistakes_grid_png(images: np.ndarray, labels: Sequence[int], probabilities: 
             continue
         predicted = int(np.argmax(probabilities[i]))
         ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(caption(int(labels[i]), predicted, float(probabilities[i, predicted])),
-                     fontsize=8.5, color=_VAL)
+        ax.set_title(
+            caption(int(labels[i]), predicted, float(probabilities[i, predicted])),
+            fontsize=8.5,
+            color=_VAL,
+        )
         for spine in ax.spines.values():
             spine.set_color("#999999")
     return _png(fig)
 
 
-def learning_curves_png(history: Sequence[dict[str, Any]],
-                        step_scalars: dict[str, Sequence[tuple[int, float]]] | None = None,
-                        resumes: Sequence[int] = (), title: str = "Learning curves") -> bytes:
+def learning_curves_png(
+    history: Sequence[dict[str, Any]],
+    step_scalars: dict[str, Sequence[tuple[int, float]]] | None = None,
+    resumes: Sequence[int] = (),
+    title: str = "Learning curves",
+) -> bytes:
     """Loss and accuracy against the global step: per-epoch train and validation values from
     the loop history (one row per epoch: step, loss, accuracy, val_loss, val_accuracy),
     optionally the logged per-step training values (`train/loss`, `train/accuracy`), and a
@@ -200,20 +227,44 @@ def learning_curves_png(history: Sequence[dict[str, Any]],
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
         logged = list(step_scalars.get(f"train/{key}", ()))
         if logged:
-            ax.plot([s for s, _ in logged], [v for _, v in logged], color=_TRAIN, alpha=0.35,
-                    linewidth=1, label=f"train (running mean in epoch, every {_every(logged)} "
-                                       "steps)")
+            ax.plot(
+                [s for s, _ in logged],
+                [v for _, v in logged],
+                color=_TRAIN,
+                alpha=0.35,
+                linewidth=1,
+                label=f"train (running mean in epoch, every {_every(logged)} steps)",
+            )
         rows = [r for r in history if key in r]
         if rows:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-", color=_TRAIN,
-                    linewidth=2, markersize=5, label="train (epoch)")
+            ax.plot(
+                [r["step"] for r in rows],
+                [r[key] for r in rows],
+                "o-",
+                color=_TRAIN,
+                linewidth=2,
+                markersize=5,
+                label="train (epoch)",
+            )
         rows = [r for r in history if f"val_{key}" in r]
         if rows:
-            ax.plot([r["step"] for r in rows], [r[f"val_{key}"] for r in rows], "s-",
-                    color=_VAL, linewidth=2, markersize=5, label="validation (epoch end)")
+            ax.plot(
+                [r["step"] for r in rows],
+                [r[f"val_{key}"] for r in rows],
+                "s-",
+                color=_VAL,
+                linewidth=2,
+                markersize=5,
+                label="validation (epoch end)",
+            )
         for i, step in enumerate(resumes):
-            ax.axvline(step, color="#555555", linestyle="--", linewidth=1,
-                       label="resumed" if i == 0 else None)
+            ax.axvline(
+                step,
+                color="#555555",
+                linestyle="--",
+                linewidth=1,
+                label="resumed" if i == 0 else None,
+            )
         ax.set_xlabel("step", fontsize=11)
         ax.set_ylabel(label, fontsize=11)
         ax.set_title(label.capitalize(), fontsize=11)
@@ -224,8 +275,14 @@ def learning_curves_png(history: Sequence[dict[str, Any]],
             ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=10,
-                   frameon=False)
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=len(handles),
+            fontsize=10,
+            frameon=False,
+        )
     return _png(fig)
 
 

@@ -51,8 +51,11 @@ SELF = Path(__file__).resolve()
 PYTHON = sys.executable
 ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8)
 TARGET_ACCURACY = 0.99
-FIRST_STEP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[pipeline\.fit\]\[DEBUG\] "
-                        r"Fit: first step of this session done", re.M)
+FIRST_STEP = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[pipeline\.fit\]\[DEBUG\] "
+    r"Fit: first step of this session done",
+    re.M,
+)
 # Runs a command as its child and records its wall time and the peak RSS of its process tree
 # (RUSAGE_CHILDREN: the largest single process among the waited-for descendants).
 PEAK_MEMORY_WRAPPER = """\
@@ -86,12 +89,30 @@ class Settings:
     input_block_steps: int
 
 
-QUICK = Settings(training_pairs=1, train_epochs=2, reference_epochs=2, resume_pairs=1,
-                 config_error_pairs=3, overhead_pairs=1, overhead_epochs=1,
-                 overhead_train_size=12000, input_rounds=2, input_block_steps=25)
-FULL = Settings(training_pairs=3, train_epochs=None, reference_epochs=15, resume_pairs=5,
-                config_error_pairs=5, overhead_pairs=3, overhead_epochs=3,
-                overhead_train_size=None, input_rounds=5, input_block_steps=60)
+QUICK = Settings(
+    training_pairs=1,
+    train_epochs=2,
+    reference_epochs=2,
+    resume_pairs=1,
+    config_error_pairs=3,
+    overhead_pairs=1,
+    overhead_epochs=1,
+    overhead_train_size=12000,
+    input_rounds=2,
+    input_block_steps=25,
+)
+FULL = Settings(
+    training_pairs=3,
+    train_epochs=None,
+    reference_epochs=15,
+    resume_pairs=5,
+    config_error_pairs=5,
+    overhead_pairs=3,
+    overhead_epochs=3,
+    overhead_train_size=None,
+    input_rounds=5,
+    input_block_steps=60,
+)
 
 
 @dataclass
@@ -118,8 +139,11 @@ class DataChoice:
 
     def describe(self) -> str:
         source = self.path or "the pipeline's normal sources (Keras cache/download)"
-        sizes = [f"first {n} {what} images" for n, what in
-                 ((self.train_size, "train"), (self.test_size, "test")) if n]
+        sizes = [
+            f"first {n} {what} images"
+            for n, what in ((self.train_size, "train"), (self.test_size, "test"))
+            if n
+        ]
         return source + (f" ({', '.join(sizes)})" if sizes else "")
 
 
@@ -152,20 +176,30 @@ class Finished:
     log: Path
 
 
-def run(cmd: list[str], log: Path, env: dict[str, str] | None = None,
-        expect: int | None = 0) -> Finished:
+def run(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, expect: int | None = 0
+) -> Finished:
     """Run `cmd` to the end in log's directory, output to `log`; wall time and peak memory."""
     log.parent.mkdir(parents=True, exist_ok=True)
     record = log.with_suffix(".measured.json")
     with open(log, "w") as out:
-        subprocess.run([PYTHON, "-c", PEAK_MEMORY_WRAPPER, str(record), *cmd], cwd=log.parent,
-                       env=child_env(env), stdout=out, stderr=subprocess.STDOUT, check=False)
+        subprocess.run(
+            [PYTHON, "-c", PEAK_MEMORY_WRAPPER, str(record), *cmd],
+            cwd=log.parent,
+            env=child_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     measured = json.loads(record.read_text())
-    finished = Finished(measured["returncode"], measured["wall_seconds"],
-                        measured["max_rss_kb"] / 1024, log)
+    finished = Finished(
+        measured["returncode"], measured["wall_seconds"], measured["max_rss_kb"] / 1024, log
+    )
     if expect is not None and finished.returncode != expect:
-        raise BenchmarkError(f"{' '.join(cmd)} exited {finished.returncode}, expected {expect}; "
-                             f"see {log}:\n{tail(log)}")
+        raise BenchmarkError(
+            f"{' '.join(cmd)} exited {finished.returncode}, expected {expect}; "
+            f"see {log}:\n{tail(log)}"
+        )
     return finished
 
 
@@ -196,8 +230,9 @@ def alternating(sides: list[str], pairs: int) -> Iterator[tuple[int, list[str]]]
         yield index, sides if index % 2 == 0 else sides[::-1]
 
 
-def run_pairs(label: str, sides: dict[str, Callable[[Path], dict[str, Any]]], pairs: int,
-              work: Path) -> list[dict[str, dict[str, Any]]]:
+def run_pairs(
+    label: str, sides: dict[str, Callable[[Path], dict[str, Any]]], pairs: int, work: Path
+) -> list[dict[str, dict[str, Any]]]:
     """Measure every side once per pair, in alternating order; each side gets a fresh dir."""
     results = []
     for index, order in alternating(list(sides), pairs):
@@ -219,29 +254,39 @@ def brief(values: dict[str, float]) -> str:
 # ---------------------------------------------------------------- figures 1, 2, 3, 8: training
 
 
-def pipeline_train_side(data: DataChoice, settings: Settings, extra: list[str],
-                        score_epochs: bool) -> Callable[[Path], dict[str, Any]]:
+def pipeline_train_side(
+    data: DataChoice, settings: Settings, extra: list[str], score_epochs: bool
+) -> Callable[[Path], dict[str, Any]]:
     """`python -m pipeline train` with every checkpoint kept; optionally every epoch-end
     checkpoint scored on the test set afterwards (in another process, outside the timing)."""
 
     def side(where: Path) -> dict[str, Any]:
         outputs = where / "outputs"
         epochs = [f"fit.epochs={settings.train_epochs}"] if settings.train_epochs else []
-        overrides = [*data.pipeline_overrides(), *epochs, f"run.outputs={outputs}",
-                     "checkpoint.keep=1000", *extra]
+        overrides = [
+            *data.pipeline_overrides(),
+            *epochs,
+            f"run.outputs={outputs}",
+            "checkpoint.keep=1000",
+            *extra,
+        ]
         finished = run(pipeline_cmd("train", overrides), where / "train.log")
         run_dir = only_run_dir(outputs)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         history = newest_checkpoint_history(run_dir)
         epoch_steps = {row["step"] for row in history}
-        result = {"wall_seconds": finished.wall_seconds, "max_rss_mb": finished.max_rss_mb,
-                  "test_accuracy": metrics["test_accuracy"],
-                  "train_seconds": history[-1]["train_seconds"],
-                  "step_checkpoints": sorted(checkpoint_steps(run_dir) - epoch_steps),
-                  "history": history}
+        result = {
+            "wall_seconds": finished.wall_seconds,
+            "max_rss_mb": finished.max_rss_mb,
+            "test_accuracy": metrics["test_accuracy"],
+            "train_seconds": history[-1]["train_seconds"],
+            "step_checkpoints": sorted(checkpoint_steps(run_dir) - epoch_steps),
+            "history": history,
+        }
         if score_epochs:
-            scored = run([PYTHON, str(SELF), "--score-checkpoints", str(run_dir)],
-                         where / "score.log")
+            scored = run(
+                [PYTHON, str(SELF), "--score-checkpoints", str(run_dir)], where / "score.log"
+            )
             result["epochs"] = last_json_line(scored.log)["epochs"]
         return result
 
@@ -251,26 +296,33 @@ def pipeline_train_side(data: DataChoice, settings: Settings, extra: list[str],
 def newest_checkpoint_history(run_dir: Path) -> list[dict[str, Any]]:
     """The loop history (one row per epoch) in the newest checkpoint's manifest meta."""
     newest = max(checkpoint_steps(run_dir))
-    manifest = json.loads((run_dir / "checkpoints" / f"step-{newest:09d}" / "MANIFEST.json")
-                          .read_text())
+    manifest = json.loads(
+        (run_dir / "checkpoints" / f"step-{newest:09d}" / "MANIFEST.json").read_text()
+    )
     return manifest["data"]["meta"]["loop"]["history"]
 
 
 def checkpoint_steps(run_dir: Path) -> set[int]:
-    return {int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*")
-            if re.fullmatch(r"step-\d{9}", p.name)}
+    return {
+        int(p.name[5:])
+        for p in (run_dir / "checkpoints").glob("step-*")
+        if re.fullmatch(r"step-\d{9}", p.name)
+    }
 
 
-def reference_side(data: DataChoice, epochs: int, test_eval: str = "epoch",
-                   train_size: int | None = None) -> Callable[[Path], dict[str, Any]]:
+def reference_side(
+    data: DataChoice, epochs: int, test_eval: str = "epoch", train_size: int | None = None
+) -> Callable[[Path], dict[str, Any]]:
     def side(where: Path) -> dict[str, Any]:
-        args = [*data.reference_args(train_size), "--epochs", str(epochs),
-                "--test-eval", test_eval]
+        args = [*data.reference_args(train_size), "--epochs", str(epochs), "--test-eval", test_eval]
         finished = run(reference_cmd(args), where / "reference.log")
         result = last_json_line(finished.log)
-        return {"wall_seconds": finished.wall_seconds, "max_rss_mb": finished.max_rss_mb,
-                "final_test_accuracy": result["final_test_accuracy"],
-                "epochs": result["epochs"]}
+        return {
+            "wall_seconds": finished.wall_seconds,
+            "max_rss_mb": finished.max_rss_mb,
+            "final_test_accuracy": result["final_test_accuracy"],
+            "epochs": result["epochs"],
+        }
 
     return side
 
@@ -280,7 +332,8 @@ def measure_training(data: DataChoice, settings: Settings, work: Path) -> list[d
         "pipeline": pipeline_train_side(data, settings, [], score_epochs=True),
         "reference": reference_side(data, settings.reference_epochs),
         "pipeline_no_step_checkpoints": pipeline_train_side(
-            data, settings, ["checkpoint.every_steps=0"], score_epochs=False),
+            data, settings, ["checkpoint.every_steps=0"], score_epochs=False
+        ),
     }
     return run_pairs("training", sides, settings.training_pairs, work)
 
@@ -293,8 +346,7 @@ def describe_reach(name: str, rows: list[dict[str, Any]], seconds_key: str) -> s
     row = first_epoch_reaching(rows)
     if row is None:
         best = max(r["test_accuracy"] for r in rows)
-        return (f"{name} never reached {TARGET_ACCURACY:.1%} in {len(rows)} epochs "
-                f"(best {best:.2%})")
+        return f"{name} never reached {TARGET_ACCURACY:.1%} in {len(rows)} epochs (best {best:.2%})"
     return f"{name} epoch {row['epoch']} at {row[seconds_key]:.1f} s ({row['test_accuracy']:.2%})"
 
 
@@ -306,44 +358,71 @@ def figure_time_to_99(pairs: list[dict[str, Any]]) -> Figure:
         pipeline_missed += mine is None
         if mine and theirs:
             ratios.append(mine["train_seconds"] / theirs["seconds"])
-        notes.append(f"pair {index + 1}: "
-                     f"{describe_reach('pipeline', pair['pipeline']['epochs'], 'train_seconds')}"
-                     f"; {describe_reach('reference', pair['reference']['epochs'], 'seconds')}")
-    figure = Figure(1, "time-to-99% (pipeline / reference)", ratios, len(pairs), "<=", 0.2,
-                    notes=notes)
+        notes.append(
+            f"pair {index + 1}: "
+            f"{describe_reach('pipeline', pair['pipeline']['epochs'], 'train_seconds')}"
+            f"; {describe_reach('reference', pair['reference']['epochs'], 'seconds')}"
+        )
+    figure = Figure(
+        1, "time-to-99% (pipeline / reference)", ratios, len(pairs), "<=", 0.2, notes=notes
+    )
     if not ratios:
         figure.verdict = "no" if pipeline_missed == len(pairs) else "unknown"
     return figure
 
 
-def figure_final_accuracy(pairs: list[dict[str, Any]], settings: Settings,
-                          data: DataChoice) -> Figure:
+def figure_final_accuracy(
+    pairs: list[dict[str, Any]], settings: Settings, data: DataChoice
+) -> Figure:
     runs = [pair["pipeline"] for pair in pairs]
     walls = [r["wall_seconds"] for r in runs]
     epochs = settings.train_epochs or "default"
-    notes = [f"test accuracy of `train` ({epochs} epochs) on {data.describe()}; wall "
-             f"{statistics.median(walls):.0f} s median ({min(walls):.0f}-{max(walls):.0f} s)"]
+    notes = [
+        f"test accuracy of `train` ({epochs} epochs) on {data.describe()}; wall "
+        f"{statistics.median(walls):.0f} s median ({min(walls):.0f}-{max(walls):.0f} s)"
+    ]
     if settings.train_epochs:
         notes.append(f"quick mode: fit.epochs={settings.train_epochs}, not the default 5")
-    return Figure(2, "final test accuracy (runs)", [r["test_accuracy"] for r in runs],
-                  len(runs), ">=", 0.995, unit="accuracy", notes=notes)
+    return Figure(
+        2,
+        "final test accuracy (runs)",
+        [r["test_accuracy"] for r in runs],
+        len(runs),
+        ">=",
+        0.995,
+        unit="accuracy",
+        notes=notes,
+    )
 
 
 def figure_checkpoint_overhead(pairs: list[dict[str, Any]]) -> Figure:
-    ratios = [p["pipeline"]["train_seconds"] / p["pipeline_no_step_checkpoints"]["train_seconds"]
-              for p in pairs]
+    ratios = [
+        p["pipeline"]["train_seconds"] / p["pipeline_no_step_checkpoints"]["train_seconds"]
+        for p in pairs
+    ]
     first = pairs[0]["pipeline"]
-    notes = [f"train_seconds of the last epoch row; the default interval wrote "
-             f"{len(first['step_checkpoints'])} step checkpoint(s) in "
-             f"{first['history'][-1]['step']} steps (epoch-end checkpoints on both sides)"]
+    notes = [
+        f"train_seconds of the last epoch row; the default interval wrote "
+        f"{len(first['step_checkpoints'])} step checkpoint(s) in "
+        f"{first['history'][-1]['step']} steps (epoch-end checkpoints on both sides)"
+    ]
     for index, pair in enumerate(pairs):
         control = same_work_ratio(pair["pipeline"], pair["pipeline_no_step_checkpoints"])
         if control is not None:
-            notes.append(f"pair {index + 1}: control {control:.3f} (the same ratio over the "
-                         "epochs without a step checkpoint, where both sides do the same work: "
-                         "the noise level)")
-    return Figure(3, "checkpoint overhead (default / every_steps=0)", ratios, len(pairs), "<=",
-                  1.02, notes=notes)
+            notes.append(
+                f"pair {index + 1}: control {control:.3f} (the same ratio over the "
+                "epochs without a step checkpoint, where both sides do the same work: "
+                "the noise level)"
+            )
+    return Figure(
+        3,
+        "checkpoint overhead (default / every_steps=0)",
+        ratios,
+        len(pairs),
+        "<=",
+        1.02,
+        notes=notes,
+    )
 
 
 def same_work_ratio(default: dict[str, Any], without: dict[str, Any]) -> float | None:
@@ -361,10 +440,14 @@ def same_work_ratio(default: dict[str, Any], without: dict[str, Any]) -> float |
 
 def figure_peak_memory(pairs: list[dict[str, Any]]) -> Figure:
     ratios = [p["pipeline"]["max_rss_mb"] / p["reference"]["max_rss_mb"] for p in pairs]
-    notes = [f"pair {i + 1}: pipeline train {p['pipeline']['max_rss_mb']:.0f} MB, reference "
-             f"{p['reference']['max_rss_mb']:.0f} MB" for i, p in enumerate(pairs)]
-    return Figure(8, "peak memory (pipeline / reference)", ratios, len(pairs), "<=", 1.2,
-                  notes=notes)
+    notes = [
+        f"pair {i + 1}: pipeline train {p['pipeline']['max_rss_mb']:.0f} MB, reference "
+        f"{p['reference']['max_rss_mb']:.0f} MB"
+        for i, p in enumerate(pairs)
+    ]
+    return Figure(
+        8, "peak memory (pipeline / reference)", ratios, len(pairs), "<=", 1.2, notes=notes
+    )
 
 
 # ---------------------------------------------------------------- figure 4: resume latency
@@ -379,43 +462,51 @@ def resume_sides(data: DataChoice) -> dict[str, Callable[[Path], dict[str, Any]]
         cmd = pipeline_cmd("train", overrides(outputs))
         # Untimed: a run SIGKILLed right after its 2nd committed directory write (the data
         # cache is the 1st, the first checkpoint the 2nd).
-        killed = run(cmd, where / "killed.log", env={"PIPELINE_FAILPOINT": "dir_after_rename@2"},
-                     expect=None)
+        killed = run(
+            cmd, where / "killed.log", env={"PIPELINE_FAILPOINT": "dir_after_rename@2"}, expect=None
+        )
         if killed.returncode != -9:
-            raise BenchmarkError(f"the run to be resumed was not killed by its failpoint (exit "
-                                 f"{killed.returncode}); see {killed.log}")
+            raise BenchmarkError(
+                f"the run to be resumed was not killed by its failpoint (exit "
+                f"{killed.returncode}); see {killed.log}"
+            )
         return launch_to_first_step(cmd, outputs, where / "resumed.log")
 
     def fresh(where: Path) -> dict[str, Any]:
         outputs = where / "outputs"
-        return launch_to_first_step(pipeline_cmd("train", overrides(outputs)), outputs,
-                                    where / "fresh.log")
+        return launch_to_first_step(
+            pipeline_cmd("train", overrides(outputs)), outputs, where / "fresh.log"
+        )
 
     return {"resumed": resumed, "fresh": fresh}
 
 
-def launch_to_first_step(cmd: list[str], outputs: Path, log: Path,
-                         timeout: float = 900) -> dict[str, Any]:
+def launch_to_first_step(
+    cmd: list[str], outputs: Path, log: Path, timeout: float = 900
+) -> dict[str, Any]:
     """Seconds from launching `cmd` to the first-step line its session adds to pipeline.log
     (wall clock on both ends); the process is killed once the line is there."""
     already = {p: p.stat().st_size for p in outputs.glob("*/pipeline.log")}
     with open(log, "w") as out:
         launched = time.time()
-        process = subprocess.Popen(cmd, cwd=log.parent, env=child_env(), stdout=out,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            cmd, cwd=log.parent, env=child_env(), stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             stamp = wait_for_first_step(process, outputs, already, launched + timeout)
         finally:
             process.kill()
             process.wait()
     if stamp is None:
-        raise BenchmarkError(f"no first-step line in {outputs}/*/pipeline.log; see {log}:\n"
-                             f"{tail(log)}")
+        raise BenchmarkError(
+            f"no first-step line in {outputs}/*/pipeline.log; see {log}:\n{tail(log)}"
+        )
     return {"seconds": stamp - launched}
 
 
-def wait_for_first_step(process: subprocess.Popen, outputs: Path, already: dict[Path, int],
-                        deadline: float) -> float | None:
+def wait_for_first_step(
+    process: subprocess.Popen, outputs: Path, already: dict[Path, int], deadline: float
+) -> float | None:
     while time.time() < deadline:
         exited = process.poll() is not None
         for path in outputs.glob("*/pipeline.log"):
@@ -439,9 +530,15 @@ def figure_resume(pairs: list[dict[str, Any]]) -> Figure:
     ratios = [p["resumed"]["seconds"] / p["fresh"]["seconds"] for p in pairs]
     resumed = statistics.median(p["resumed"]["seconds"] for p in pairs)
     fresh = statistics.median(p["fresh"]["seconds"] for p in pairs)
-    return Figure(4, "resume latency (resumed / fresh)", ratios, len(pairs), "<=", 1.15,
-                  notes=[f"launch -> first step: resumed {resumed:.1f} s, fresh {fresh:.1f} s "
-                         "(medians)"])
+    return Figure(
+        4,
+        "resume latency (resumed / fresh)",
+        ratios,
+        len(pairs),
+        "<=",
+        1.15,
+        notes=[f"launch -> first step: resumed {resumed:.1f} s, fresh {fresh:.1f} s (medians)"],
+    )
 
 
 # ---------------------------------------------------------------- figure 5: config error
@@ -463,41 +560,63 @@ def figure_config_error(pairs: list[dict[str, Any]]) -> Figure:
     ratios = [p["config_error"]["seconds"] / p["import_tensorflow"]["seconds"] for p in pairs]
     error = statistics.median(p["config_error"]["seconds"] for p in pairs)
     tf = statistics.median(p["import_tensorflow"]["seconds"] for p in pairs)
-    return Figure(5, "config-error latency (error / import tf)", ratios, len(pairs), "<=", 0.3,
-                  notes=[f"fit.epochs=abc exits 2 after {error:.2f} s; import tensorflow "
-                         f"{tf:.2f} s (medians)"])
+    return Figure(
+        5,
+        "config-error latency (error / import tf)",
+        ratios,
+        len(pairs),
+        "<=",
+        0.3,
+        notes=[
+            f"fit.epochs=abc exits 2 after {error:.2f} s; import tensorflow {tf:.2f} s (medians)"
+        ],
+    )
 
 
 # ---------------------------------------------------------------- figure 6: pipeline overhead
 
 
-def overhead_sides(data: DataChoice,
-                   settings: Settings) -> dict[str, Callable[[Path], dict[str, Any]]]:
+def overhead_sides(
+    data: DataChoice, settings: Settings
+) -> dict[str, Callable[[Path], dict[str, Any]]]:
     size = settings.overhead_train_size
 
     def pipeline_fit(where: Path) -> dict[str, Any]:
-        overrides = ["experiment=keras_convnet", *data.pipeline_overrides(size),
-                     f"run.outputs={where / 'outputs'}"]
+        overrides = [
+            "experiment=keras_convnet",
+            *data.pipeline_overrides(size),
+            f"run.outputs={where / 'outputs'}",
+        ]
         run(pipeline_cmd("data", overrides), where / "data.log")  # untimed: fit needs a run
         epochs = f"fit.epochs={settings.overhead_epochs}"
         finished = run(pipeline_cmd("fit", [*overrides, epochs]), where / "fit.log")
         return {"wall_seconds": finished.wall_seconds}
 
-    return {"pipeline_fit": pipeline_fit,
-            "reference": reference_side(data, settings.overhead_epochs, "none", size)}
+    return {
+        "pipeline_fit": pipeline_fit,
+        "reference": reference_side(data, settings.overhead_epochs, "none", size),
+    }
 
 
-def figure_overhead(pairs: list[dict[str, Any]], settings: Settings,
-                    data: DataChoice) -> Figure:
+def figure_overhead(pairs: list[dict[str, Any]], settings: Settings, data: DataChoice) -> Figure:
     ratios = [p["pipeline_fit"]["wall_seconds"] / p["reference"]["wall_seconds"] for p in pairs]
     mine = statistics.median(p["pipeline_fit"]["wall_seconds"] for p in pairs)
     theirs = statistics.median(p["reference"]["wall_seconds"] for p in pairs)
     size = smaller(data.train_size, settings.overhead_train_size)
     images = f", first {size} train images" if size else ""
-    return Figure(6, "pipeline overhead (fit / reference)", ratios, len(pairs), "<=", 1.05,
-                  notes=[f"{settings.overhead_epochs} epoch(s){images}; whole processes: "
-                         f"`fit` {mine:.1f} s (after an untimed `data`), reference "
-                         f"{theirs:.1f} s without test scoring (medians)"])
+    return Figure(
+        6,
+        "pipeline overhead (fit / reference)",
+        ratios,
+        len(pairs),
+        "<=",
+        1.05,
+        notes=[
+            f"{settings.overhead_epochs} epoch(s){images}; whole processes: "
+            f"`fit` {mine:.1f} s (after an untimed `data`), reference "
+            f"{theirs:.1f} s without test scoring (medians)"
+        ],
+    )
 
 
 # ---------------------------------------------------------------- figure 7: input pipeline
@@ -506,10 +625,16 @@ def figure_overhead(pairs: list[dict[str, Any]], settings: Settings,
 def measure_input_pipeline(data: DataChoice, settings: Settings, work: Path) -> dict[str, Any]:
     where = work / "input_pipeline"
     where.mkdir(parents=True)
-    cmd = [PYTHON, str(SELF), "--input-pipeline-worker",
-           "--rounds", str(settings.input_rounds),
-           "--block-steps", str(settings.input_block_steps),
-           *[f"--override={o}" for o in data.pipeline_overrides()]]
+    cmd = [
+        PYTHON,
+        str(SELF),
+        "--input-pipeline-worker",
+        "--rounds",
+        str(settings.input_rounds),
+        "--block-steps",
+        str(settings.input_block_steps),
+        *[f"--override={o}" for o in data.pipeline_overrides()],
+    ]
     finished = run(cmd, where / "worker.log")
     return last_json_line(finished.log)
 
@@ -518,9 +643,18 @@ def figure_input_pipeline(raw: dict[str, Any]) -> Figure:
     rounds = raw["rounds"]
     ratios = [r["shuffled_steps_per_second"] / r["constant_steps_per_second"] for r in rounds]
     rate = statistics.median(r["shuffled_steps_per_second"] for r in rounds)
-    return Figure(7, "input pipeline (shuffled / constant batch)", ratios, len(rounds), ">=",
-                  0.95, notes=[f"{raw['block_steps']} steps a block, blocks A B B A per round; "
-                               f"{rate:.1f} shuffled steps/s (median)"])
+    return Figure(
+        7,
+        "input pipeline (shuffled / constant batch)",
+        ratios,
+        len(rounds),
+        ">=",
+        0.95,
+        notes=[
+            f"{raw['block_steps']} steps a block, blocks A B B A per round; "
+            f"{rate:.1f} shuffled steps/s (median)"
+        ],
+    )
 
 
 # ---------------------------------------------------------------- workers (import TensorFlow)
@@ -547,10 +681,17 @@ def score_checkpoints_worker(run_dir: Path) -> None:
     rows = []
     for row in newest_checkpoint_history(run_dir):
         restore_model(model, checkpoint.load(checkpoint.path_for(root, row["step"])).arrays)
-        _, accuracy = evaluate_logits(logits, x_test, y_test, model_cfg.name,
-                                      (data_meta["mean"], data_meta["std"]))
-        rows.append({"epoch": row["epoch"], "step": row["step"],
-                     "train_seconds": row["train_seconds"], "test_accuracy": accuracy})
+        _, accuracy = evaluate_logits(
+            logits, x_test, y_test, model_cfg.name, (data_meta["mean"], data_meta["std"])
+        )
+        rows.append(
+            {
+                "epoch": row["epoch"],
+                "step": row["step"],
+                "train_seconds": row["train_seconds"],
+                "test_accuracy": accuracy,
+            }
+        )
     print(json.dumps({"epochs": rows}), flush=True)
 
 
@@ -571,8 +712,15 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
         cfg = to_config(compose("config", overrides=overrides))
     d = cfg.data
     with tempfile.TemporaryDirectory() as cache:
-        data = prepare(d.name, d.path, d.train_size, d.test_size, d.val_fraction, d.normalize,
-                       Path(cache) / "data")
+        data = prepare(
+            d.name,
+            d.path,
+            d.train_size,
+            d.test_size,
+            d.val_fraction,
+            d.normalize,
+            Path(cache) / "data",
+        )
     trainer = Trainer(cfg.model, cfg.optimizer, cfg.fit, cfg.seed, data)
     batch = min(cfg.fit.batch_size, trainer.n_train)
 
@@ -581,7 +729,7 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
         while True:
             order = permutation(cfg.seed, epoch, trainer.n_train)
             for start in range(0, trainer.n_train - batch + 1, batch):
-                yield order[start:start + batch]
+                yield order[start : start + batch]
             epoch += 1
 
     constant = permutation(cfg.seed, 0, trainer.n_train)[:batch]
@@ -601,8 +749,9 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
         seconds = {"shuffled": 0.0, "constant": 0.0}
         for kind in ("shuffled", "constant", "constant", "shuffled"):
             seconds[kind] += block_seconds(kind, block_steps)
-        results.append({f"{kind}_steps_per_second": 2 * block_steps / s
-                        for kind, s in seconds.items()})
+        results.append(
+            {f"{kind}_steps_per_second": 2 * block_steps / s for kind, s in seconds.items()}
+        )
     print(json.dumps({"block_steps": block_steps, "rounds": results}), flush=True)
 
 
@@ -639,10 +788,19 @@ class Figure:
             spread = f"{self.show(min(self.values))}-{self.show(max(self.values))}"
         else:
             median = spread = "-"
-        count = f"{len(self.values)}/{self.pairs}" if len(self.values) != self.pairs \
+        count = (
+            f"{len(self.values)}/{self.pairs}"
+            if len(self.values) != self.pairs
             else str(self.pairs)
-        return [f"{self.number} {self.title}", median, spread, count,
-                f"{self.goal_op} {self.show(self.goal)}", self.met()]
+        )
+        return [
+            f"{self.number} {self.title}",
+            median,
+            spread,
+            count,
+            f"{self.goal_op} {self.show(self.goal)}",
+            self.met(),
+        ]
 
 
 def failed_figure(number: int, title: str, error: str) -> Figure:
@@ -653,8 +811,9 @@ def table(figures: list[Figure]) -> str:
     header = ["figure", "median", "min-max", "pairs", "goal", "met"]
     rows = [header] + [f.row() for f in figures]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for figure in figures:
         lines += [f"  {figure.number}: {note}" for note in figure.notes]
@@ -671,50 +830,72 @@ GROUPS = {  # measurement group -> the figures made from it
     "overhead": (6,),
     "input_pipeline": (7,),
 }
-TITLES = {1: "time-to-99%", 2: "final test accuracy", 3: "checkpoint overhead",
-          4: "resume latency", 5: "config-error latency", 6: "pipeline overhead",
-          7: "input pipeline", 8: "peak memory"}
+TITLES = {
+    1: "time-to-99%",
+    2: "final test accuracy",
+    3: "checkpoint overhead",
+    4: "resume latency",
+    5: "config-error latency",
+    6: "pipeline overhead",
+    7: "input pipeline",
+    8: "peak memory",
+}
 
 
-def measure_group(group: str, data: DataChoice, settings: Settings,
-                  work: Path) -> tuple[Any, list[Figure]]:
+def measure_group(
+    group: str, data: DataChoice, settings: Settings, work: Path
+) -> tuple[Any, list[Figure]]:
     """Run one group's measurements; return the raw data and its figures."""
     if group == "training":
         pairs = measure_training(data, settings, work)
-        return pairs, [figure_time_to_99(pairs), figure_final_accuracy(pairs, settings, data),
-                       figure_checkpoint_overhead(pairs), figure_peak_memory(pairs)]
+        return pairs, [
+            figure_time_to_99(pairs),
+            figure_final_accuracy(pairs, settings, data),
+            figure_checkpoint_overhead(pairs),
+            figure_peak_memory(pairs),
+        ]
     if group == "resume":
         pairs = run_pairs("resume", resume_sides(data), settings.resume_pairs, work)
         return pairs, [figure_resume(pairs)]
     if group == "config_error":
-        pairs = run_pairs("config_error", config_error_sides(), settings.config_error_pairs,
-                          work)
+        pairs = run_pairs("config_error", config_error_sides(), settings.config_error_pairs, work)
         return pairs, [figure_config_error(pairs)]
     if group == "overhead":
-        pairs = run_pairs("overhead", overhead_sides(data, settings), settings.overhead_pairs,
-                          work)
+        pairs = run_pairs("overhead", overhead_sides(data, settings), settings.overhead_pairs, work)
         return pairs, [figure_overhead(pairs, settings, data)]
     raw = measure_input_pipeline(data, settings, work)
     return raw, [figure_input_pipeline(raw)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer pairs and epochs: a few minutes on 2 cores")
-    parser.add_argument("--data", help="a Keras-layout mnist.npz for both sides (default: "
-                        "each side's normal sources)")
-    parser.add_argument("--pairs", type=int, help="pairs for every figure (default: per figure "
-                        "and mode; figure 7: rounds of A B B A)")
-    parser.add_argument("--figures", default=",".join(map(str, ALL_FIGURES)),
-                        help="comma-separated figure numbers (1, 2, 3, 8 share their runs)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer pairs and epochs: a few minutes on 2 cores"
+    )
+    parser.add_argument(
+        "--data",
+        help="a Keras-layout mnist.npz for both sides (default: each side's normal sources)",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        help="pairs for every figure (default: per figure and mode; figure 7: rounds of A B B A)",
+    )
+    parser.add_argument(
+        "--figures",
+        default=",".join(map(str, ALL_FIGURES)),
+        help="comma-separated figure numbers (1, 2, 3, 8 share their runs)",
+    )
     parser.add_argument("--train-size", type=int, help="first N training images (both sides)")
     parser.add_argument("--test-size", type=int, help="first N test images (both sides)")
     parser.add_argument("--out", default="benchmark.json", help="raw measurements (JSON)")
-    parser.add_argument("--workdir", help="where runs go (default: a temporary directory, "
-                        "removed at the end)")
+    parser.add_argument(
+        "--workdir", help="where runs go (default: a temporary directory, removed at the end)"
+    )
     # Worker modes, run by the benchmark itself in child processes.
     parser.add_argument("--score-checkpoints", help=argparse.SUPPRESS)
     parser.add_argument("--input-pipeline-worker", action="store_true", help=argparse.SUPPRESS)
@@ -727,9 +908,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def settings_for(args: argparse.Namespace) -> Settings:
     settings = QUICK if args.quick else FULL
     if args.pairs:
-        settings = Settings(**{**asdict(settings), **{
-            name: args.pairs for name in asdict(settings)
-            if name.endswith("_pairs") or name == "input_rounds"}})
+        settings = Settings(
+            **{
+                **asdict(settings),
+                **{
+                    name: args.pairs
+                    for name in asdict(settings)
+                    if name.endswith("_pairs") or name == "input_rounds"
+                },
+            }
+        )
     return settings
 
 
@@ -743,19 +931,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     settings = settings_for(args)
-    data = DataChoice(str(Path(args.data).resolve()) if args.data else None, args.train_size,
-                      args.test_size)
+    data = DataChoice(
+        str(Path(args.data).resolve()) if args.data else None, args.train_size, args.test_size
+    )
     wanted = {int(n) for n in args.figures.split(",")}
     work = Path(args.workdir or tempfile.mkdtemp(prefix="benchmark-"))
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"mode": "quick" if args.quick else "full",
-                              "settings": asdict(settings), "data": asdict(data),
-                              "started": time.time(), "load_average_start": os.getloadavg(),
-                              "raw": {}, "errors": {}}
+    report: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "settings": asdict(settings),
+        "data": asdict(data),
+        "started": time.time(),
+        "load_average_start": os.getloadavg(),
+        "raw": {},
+        "errors": {},
+    }
     print(f"benchmark ({report['mode']}): data {data.describe()}; work dir {work}", flush=True)
     if not data.path:
-        print("note: without --data, an offline pipeline trains on its bundled 9000-image "
-              "sample (it warns in its logs) and the reference script fails", flush=True)
+        print(
+            "note: without --data, an offline pipeline trains on its bundled 9000-image "
+            "sample (it warns in its logs) and the reference script fails",
+            flush=True,
+        )
     figures: list[Figure] = []
     try:
         for group, numbers in GROUPS.items():
@@ -779,15 +976,19 @@ def main(argv: list[str] | None = None) -> int:
     write_report(Path(args.out), report, figures)
     figures.sort(key=lambda f: f.number)
     minutes = (report["finished"] - report["started"]) / 60
-    print(f"\n{table(figures)}\n\n{minutes:.1f} min; load average "
-          f"{report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}; "
-          f"raw measurements in {args.out}", flush=True)
+    print(
+        f"\n{table(figures)}\n\n{minutes:.1f} min; load average "
+        f"{report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}; "
+        f"raw measurements in {args.out}",
+        flush=True,
+    )
     return 1 if report["errors"] else 0
 
 
 def write_report(path: Path, report: dict[str, Any], figures: list[Figure]) -> None:
-    report["figures"] = [{**asdict(f), "met": f.met()}
-                         for f in sorted(figures, key=lambda f: f.number)]
+    report["figures"] = [
+        {**asdict(f), "met": f.met()} for f in sorted(figures, key=lambda f: f.number)
+    ]
     path.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 

@@ -29,12 +29,25 @@ import numpy as np
 
 from pipeline import rundir
 
-DEFAULT_CONFIG = ["data=sample", "data.train_size=1000", "data.test_size=300",
-                  "fit.batch_size=50", "fit.epochs=3", "checkpoint.every_steps=4",
-                  "fit.log_every_steps=1"]
-FAILPOINTS = ["file_before_write", "file_after_write", "file_after_fsync", "file_after_rename",
-              "dir_before_manifest", "dir_before_rename", "dir_after_rename",
-              "export_before_publish"]
+DEFAULT_CONFIG = [
+    "data=sample",
+    "data.train_size=1000",
+    "data.test_size=300",
+    "fit.batch_size=50",
+    "fit.epochs=3",
+    "checkpoint.every_steps=4",
+    "fit.log_every_steps=1",
+]
+FAILPOINTS = [
+    "file_before_write",
+    "file_after_write",
+    "file_after_fsync",
+    "file_after_rename",
+    "dir_before_manifest",
+    "dir_before_rename",
+    "dir_after_rename",
+    "export_before_publish",
+]
 STAGE_ORDER = ["data", "model", "fit", "evaluate", "export"]
 
 
@@ -42,7 +55,11 @@ def pipeline(args: list[str], outputs: Path, env: dict[str, str] | None = None) 
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "train", *args, f"run.outputs={outputs}"],
-        env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def run_dir_of(outputs: Path) -> Path | None:
@@ -102,12 +119,23 @@ def export_predictions(run_dir: Path) -> np.ndarray:
         "m = tf.saved_model.load(sys.argv[1])\n"
         "x = np.load(sys.argv[2])['x_test'][:200]\n"
         "np.save(sys.argv[3], m.signatures['serving_default'](image=tf.constant(x))"
-        "['probabilities'].numpy())\n")
+        "['probabilities'].numpy())\n"
+    )
     version = max((run_dir / "export" / "mnist").iterdir(), key=lambda p: int(p.name))
     out = run_dir / "predictions.npy"
-    subprocess.run([sys.executable, "-c", code, str(version), str(run_dir / "data" /
-                    "prepared.npz"), str(out)], check=True, capture_output=True,
-                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(version),
+            str(run_dir / "data" / "prepared.npz"),
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     return np.load(out)
 
 
@@ -124,8 +152,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=50, help="SIGKILLs to inject")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--corrupt-prob", type=float, default=0.15,
-                        help="chance of damaging the newest checkpoint after a kill")
+    parser.add_argument(
+        "--corrupt-prob",
+        type=float,
+        default=0.15,
+        help="chance of damaging the newest checkpoint after a kill",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("outputs/crash-test"))
     parser.add_argument("overrides", nargs="*", help="after --: overrides for train")
     args = parser.parse_args()
@@ -184,8 +216,7 @@ def main() -> int:
             if kind == "failpoint":
                 stage = stage_in_progress(run_dir_of(victim))
             kills_by_stage[stage] += 1
-            kills_by_kind[kind if kind == "timer" else env["PIPELINE_FAILPOINT"].split("@")[0]] \
-                += 1
+            kills_by_kind[kind if kind == "timer" else env["PIPELINE_FAILPOINT"].split("@")[0]] += 1
             newest = newest_checkpoint(run_dir_of(victim))
             if newest is not None and rng.random() < args.corrupt_prob:
                 corruptions.append(f"{newest.name}:{corrupt(newest, rng)}")
@@ -197,13 +228,17 @@ def main() -> int:
         else:
             print(f"FAIL: run exited {proc.returncode}:\n{output[-3000:]}")
             return 1
-        print(f"  launch {launches}: {kind:9s} exit {proc.returncode:4d}  kills so far "
-              f"{sum(kills_by_stage.values())}", flush=True)
+        print(
+            f"  launch {launches}: {kind:9s} exit {proc.returncode:4d}  kills so far "
+            f"{sum(kills_by_stage.values())}",
+            flush=True,
+        )
 
     run_dir = run_dir_of(victim)
     ref_state, state = final_state(ref_dir), final_state(run_dir)
     weights_equal = sorted(ref_state) == sorted(state) and all(
-        np.array_equal(ref_state[k], state[k]) for k in ref_state)
+        np.array_equal(ref_state[k], state[k]) for k in ref_state
+    )
     ref_metrics = json.loads((ref_dir / "metrics.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics_equal = all(ref_metrics[k] == metrics[k] for k in ("test_loss", "test_accuracy"))
@@ -212,18 +247,22 @@ def main() -> int:
     ok = weights_equal and metrics_equal and predictions_equal and not leftovers
     print("\n== crash test summary ==")
     print(f"config: train {' '.join(config)}")
-    print(f"kills injected: {sum(kills_by_stage.values())} "
-          f"(by stage: {dict(sorted(kills_by_stage.items()))})")
+    print(
+        f"kills injected: {sum(kills_by_stage.values())} "
+        f"(by stage: {dict(sorted(kills_by_stage.items()))})"
+    )
     print(f"kills by kind: {dict(sorted(kills_by_kind.items()))}")
-    print(f"launches: {launches}; fit resumes: {resumes}; second processes refused: "
-          f"{lock_refusals}")
+    print(
+        f"launches: {launches}; fit resumes: {resumes}; second processes refused: {lock_refusals}"
+    )
     print(f"checkpoints corrupted: {len(corruptions)}; corruptions detected on load: {detected}")
-    print(f"steps redone after a kill, at most: {redone_max} "
-          f"(checkpoint.every_steps bounds it)")
+    print(f"steps redone after a kill, at most: {redone_max} (checkpoint.every_steps bounds it)")
     print(f"temporary files left over: {len(leftovers)}")
     print(f"final weights bit-identical: {'yes' if weights_equal else 'NO'}")
-    print(f"test metrics identical: {'yes' if metrics_equal else 'NO'} "
-          f"(accuracy {metrics['test_accuracy']:.4f})")
+    print(
+        f"test metrics identical: {'yes' if metrics_equal else 'NO'} "
+        f"(accuracy {metrics['test_accuracy']:.4f})"
+    )
     print(f"exported predictions identical: {'yes' if predictions_equal else 'NO'}")
     print(f"RESULT: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

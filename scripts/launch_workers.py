@@ -44,9 +44,11 @@ def worker_args(args: list[str], index: int) -> list[str]:
     extra = ["strategy=multi_worker"]
     if index:
         # Only the chief writes Hydra's .hydra/ record and pipeline.log into the run directory.
-        extra += ["hydra.output_subdir=null",
-                  f"hydra.job_logging.handlers.file.filename="
-                  f"${{hydra.runtime.output_dir}}/pipeline.worker{index}.log"]
+        extra += [
+            "hydra.output_subdir=null",
+            f"hydra.job_logging.handlers.file.filename="
+            f"${{hydra.runtime.output_dir}}/pipeline.worker{index}.log",
+        ]
     return [sys.executable, "-m", "pipeline", *args, *extra]
 
 
@@ -68,8 +70,9 @@ def supervise(procs: list[subprocess.Popen], grace: float) -> int:
         for i, p in enumerate(procs):
             rc = p.poll()
             if rc not in (None, 0) and failed_at is None:
-                print(f"worker {i} exited with {rc}; stopping the others", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"worker {i} exited with {rc}; stopping the others", file=sys.stderr, flush=True
+                )
                 failed_at, code = time.monotonic(), rc
                 for q in procs:
                     if q.poll() is None:
@@ -86,10 +89,15 @@ def supervise(procs: list[subprocess.Popen], grace: float) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--workers", type=int, default=2)
-    parser.add_argument("--grace", type=float, default=5.0,
-                        help="seconds the others get to exit after one worker failed")
-    parser.add_argument("args", nargs=argparse.REMAINDER,
-                        help="pipeline command and overrides, after --")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds the others get to exit after one worker failed",
+    )
+    parser.add_argument(
+        "args", nargs=argparse.REMAINDER, help="pipeline command and overrides, after --"
+    )
     opts = parser.parse_args()
     args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
     if not args:

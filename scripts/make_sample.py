@@ -26,8 +26,10 @@ def main() -> None:
     with np.load(args.source) as full:
         np.savez_compressed(
             args.out,
-            x_train=full["x_train"][: args.train], y_train=full["y_train"][: args.train],
-            x_test=full["x_test"][: args.test], y_test=full["y_test"][: args.test],
+            x_train=full["x_train"][: args.train],
+            y_train=full["y_train"][: args.train],
+            x_test=full["x_test"][: args.test],
+            y_test=full["y_test"][: args.test],
         )
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 

@@ -35,21 +35,28 @@ TEST_BATCH_SIZE = 1000
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="Keras-layout mnist.npz (default: "
-                        "keras.datasets.mnist.load_data(), i.e. Keras' cache or download)")
+    parser.add_argument(
+        "--data",
+        help="Keras-layout mnist.npz (default: "
+        "keras.datasets.mnist.load_data(), i.e. Keras' cache or download)",
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, help="use the first N training images")
     parser.add_argument("--test-size", type=int, help="use the first N test images")
-    parser.add_argument("--test-eval", choices=("epoch", "end", "none"), default="epoch",
-                        help="score the test set at every epoch end (default), at the end, "
-                        "or never")
+    parser.add_argument(
+        "--test-eval",
+        choices=("epoch", "end", "none"),
+        default="epoch",
+        help="score the test set at every epoch end (default), at the end, or never",
+    )
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
     return parser.parse_args()
 
 
-def load_mnist(path: str | None) -> tuple[tuple[np.ndarray, np.ndarray],
-                                           tuple[np.ndarray, np.ndarray]]:
+def load_mnist(
+    path: str | None,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     if path is None:
         return keras.datasets.mnist.load_data()
     with np.load(path, allow_pickle=False) as npz:
@@ -63,16 +70,18 @@ def prepare(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_model() -> keras.Model:
-    return keras.Sequential([
-        keras.Input(shape=INPUT_SHAPE),
-        layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
-        layers.MaxPooling2D(pool_size=(2, 2)),
-        layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
-        layers.MaxPooling2D(pool_size=(2, 2)),
-        layers.Flatten(),
-        layers.Dropout(0.5),
-        layers.Dense(NUM_CLASSES, activation="softmax"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input(shape=INPUT_SHAPE),
+            layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Flatten(),
+            layers.Dropout(0.5),
+            layers.Dense(NUM_CLASSES, activation="softmax"),
+        ]
+    )
 
 
 def test_accuracy(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray) -> float:
@@ -104,20 +113,31 @@ def main() -> None:
     args = parse_args()
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_mnist(args.data)
-    x_train, y_train = prepare(x_train[:args.train_size], y_train[:args.train_size])
-    x_test, y_test = prepare(x_test[:args.test_size], y_test[:args.test_size])
+    x_train, y_train = prepare(x_train[: args.train_size], y_train[: args.train_size])
+    x_test, y_test = prepare(x_test[: args.test_size], y_test[: args.test_size])
 
     model = build_model()
     model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
     score_each_epoch = args.test_eval == "epoch"
     timer = EpochTimer(x_test if score_each_epoch else None, y_test if score_each_epoch else None)
     timer.fit_start = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=BATCH_SIZE, epochs=args.epochs,
-              validation_split=0.1, callbacks=[timer], verbose=args.verbose)
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=BATCH_SIZE,
+        epochs=args.epochs,
+        validation_split=0.1,
+        callbacks=[timer],
+        verbose=args.verbose,
+    )
     fit_seconds = time.perf_counter() - timer.fit_start - timer.test_eval_seconds
 
-    result = {"epochs": timer.rows, "fit_seconds": fit_seconds,
-              "test_eval_seconds": timer.test_eval_seconds, "final_test_accuracy": None}
+    result = {
+        "epochs": timer.rows,
+        "fit_seconds": fit_seconds,
+        "test_eval_seconds": timer.test_eval_seconds,
+        "final_test_accuracy": None,
+    }
     if score_each_epoch:
         result["final_test_accuracy"] = timer.rows[-1]["test_accuracy"]
     elif args.test_eval == "end":

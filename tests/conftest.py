@@ -14,13 +14,26 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 # A small, fast run: 500 training images of the bundled real-MNIST sample, 10 steps an epoch.
-SMALL = ["data=sample", "data.train_size=600", "data.val_fraction=0.2", "data.test_size=200",
-         "fit.batch_size=50", "fit.epochs=3", "checkpoint.every_steps=3", "fit.log_every_steps=2",
-         "export.tflite=false"]
+SMALL = [
+    "data=sample",
+    "data.train_size=600",
+    "data.val_fraction=0.2",
+    "data.test_size=200",
+    "fit.batch_size=50",
+    "fit.epochs=3",
+    "checkpoint.every_steps=3",
+    "fit.log_every_steps=2",
+    "export.tflite=false",
+]
 
 
-def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300,
-        max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
+def cli(
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    max_file_bytes: int | None = None,
+) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ...` in `cwd` (so outputs/ lands there) and capture output.
 
     `max_file_bytes` sets RLIMIT_FSIZE in the child: a write past it fails with EFBIG, the way
@@ -32,15 +45,27 @@ def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
         assert max_file_bytes is not None
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=limit if max_file_bytes else None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit if max_file_bytes else None,
+    )
 
 
 def start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def only_run_dir(outputs: Path) -> Path:

@@ -29,8 +29,13 @@ bench = load_benchmark()
 
 def benchmark(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return result, json.loads(out.read_text()) if out.exists() else {}
 
 
@@ -40,8 +45,10 @@ def test_sides_alternate() -> None:
 
 
 def test_first_step_line_and_its_time() -> None:
-    line = ("[2026-11-26 02:03:26,392][pipeline.fit][DEBUG] Fit: first step of this session "
-            "done (step 7)")
+    line = (
+        "[2026-11-26 02:03:26,392][pipeline.fit][DEBUG] Fit: first step of this session "
+        "done (step 7)"
+    )
     match = bench.FIRST_STEP.search("other line\n" + line + "\n")
     assert match
     later = bench.log_time("2026-11-26 02:03:27,500")
@@ -49,10 +56,20 @@ def test_first_step_line_and_its_time() -> None:
 
 
 def test_time_to_99_says_when_a_side_never_reaches_it() -> None:
-    pair = {"pipeline": {"epochs": [{"epoch": 1, "train_seconds": 10.0, "test_accuracy": 0.985},
-                                    {"epoch": 2, "train_seconds": 20.0, "test_accuracy": 0.991}]},
-            "reference": {"epochs": [{"epoch": 1, "seconds": 8.0, "test_accuracy": 0.98},
-                                     {"epoch": 2, "seconds": 16.0, "test_accuracy": 0.989}]}}
+    pair = {
+        "pipeline": {
+            "epochs": [
+                {"epoch": 1, "train_seconds": 10.0, "test_accuracy": 0.985},
+                {"epoch": 2, "train_seconds": 20.0, "test_accuracy": 0.991},
+            ]
+        },
+        "reference": {
+            "epochs": [
+                {"epoch": 1, "seconds": 8.0, "test_accuracy": 0.98},
+                {"epoch": 2, "seconds": 16.0, "test_accuracy": 0.989},
+            ]
+        },
+    }
     figure = bench.figure_time_to_99([pair])
     assert figure.values == [] and figure.met() == "unknown"
     assert "reference never reached 99.0% in 2 epochs (best 98.90%)" in figure.notes[0]
@@ -63,20 +80,28 @@ def test_time_to_99_says_when_a_side_never_reaches_it() -> None:
 
 def test_table_shows_median_range_pairs_goal() -> None:
     figure = bench.Figure(5, "config-error latency", [0.1, 0.3, 0.2], 3, "<=", 0.3)
-    assert figure.row() == ["5 config-error latency", "0.200", "0.100-0.300", "3", "<= 0.300",
-                            "yes"]
+    assert figure.row() == [
+        "5 config-error latency",
+        "0.200",
+        "0.100-0.300",
+        "3",
+        "<= 0.300",
+        "yes",
+    ]
     lines = bench.table([figure]).splitlines()
     assert lines[0].split() == ["figure", "median", "min-max", "pairs", "goal", "met"]
     assert lines[2].split()[-5:] == ["0.100-0.300", "3", "<=", "0.300", "yes"]
 
 
 def test_checkpoint_control_uses_epochs_without_step_checkpoints() -> None:
-    default = {"step_checkpoints": [500],
-               "history": [{"step": 422, "train_seconds": 30.0},
-                           {"step": 844, "train_seconds": 62.0}]}
-    without = {"step_checkpoints": [],
-               "history": [{"step": 422, "train_seconds": 25.0},
-                           {"step": 844, "train_seconds": 55.0}]}
+    default = {
+        "step_checkpoints": [500],
+        "history": [{"step": 422, "train_seconds": 30.0}, {"step": 844, "train_seconds": 62.0}],
+    }
+    without = {
+        "step_checkpoints": [],
+        "history": [{"step": 422, "train_seconds": 25.0}, {"step": 844, "train_seconds": 55.0}],
+    }
     assert bench.same_work_ratio(default, without) == pytest.approx(30.0 / 25.0)
 
 
@@ -92,8 +117,18 @@ def test_config_error_figure_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_every_figure_on_tiny_data(tmp_path: Path) -> None:
     data = SHARED_MNIST if SHARED_MNIST.exists() else SAMPLE
-    result, report = benchmark(tmp_path, "--quick", "--pairs", "1", "--data", str(data),
-                               "--train-size", "600", "--test-size", "200")
+    result, report = benchmark(
+        tmp_path,
+        "--quick",
+        "--pairs",
+        "1",
+        "--data",
+        str(data),
+        "--train-size",
+        "600",
+        "--test-size",
+        "200",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert not report["errors"]
     assert [f["number"] for f in report["figures"]] == list(range(1, 9))
@@ -103,4 +138,5 @@ def test_every_figure_on_tiny_data(tmp_path: Path) -> None:
     training = report["raw"]["training"][0]
     assert len(training["pipeline"]["epochs"]) == 2  # every epoch-end checkpoint scored
     assert training["pipeline"]["epochs"][-1]["test_accuracy"] == pytest.approx(
-        training["pipeline"]["test_accuracy"])
+        training["pipeline"]["test_accuracy"]
+    )

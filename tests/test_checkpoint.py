@@ -14,9 +14,11 @@ from pipeline import checkpoint, durable
 def state(step: int) -> dict[str, np.ndarray]:
     """Arrays that differ per step, so the test can tell which checkpoint it got back."""
     rng = np.random.default_rng(step)
-    return {"dense/kernel": rng.standard_normal((30, 10)).astype(np.float32),
-            "optimizer/iterations": np.array(step, dtype=np.int64),
-            "rng": rng.integers(0, 2**32, 4, dtype=np.uint32)}
+    return {
+        "dense/kernel": rng.standard_normal((30, 10)).astype(np.float32),
+        "optimizer/iterations": np.array(step, dtype=np.int64),
+        "rng": rng.integers(0, 2**32, 4, dtype=np.uint32),
+    }
 
 
 def save_steps(root: Path, steps: list[int]) -> None:
@@ -100,8 +102,9 @@ DAMAGE = [truncate, flip_byte, delete_state, delete_manifest]
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
-def test_load_latest_falls_back_past_a_damaged_newest(tmp_path: Path, damage,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_load_latest_falls_back_past_a_damaged_newest(
+    tmp_path: Path, damage, caplog: pytest.LogCaptureFixture
+) -> None:
     save_steps(tmp_path, [3, 6])
     bad = tmp_path / "step-000000006"
     damage(bad)
@@ -114,12 +117,14 @@ def test_load_latest_falls_back_past_a_damaged_newest(tmp_path: Path, damage,
     assert checkpoint.committed_steps(tmp_path) == [3]
     assert len(caplog.records) == 1
     assert caplog.messages[0].startswith(f"Checkpoint {bad} failed verification: ")
-    assert caplog.messages[0].endswith("Set aside as step-000000006.corrupt; trying the next "
-                                       "older one.")
+    assert caplog.messages[0].endswith(
+        "Set aside as step-000000006.corrupt; trying the next older one."
+    )
     # The evidence is kept: the set-aside directory still holds what was there.
     left = {delete_state: ["MANIFEST.json"], delete_manifest: ["state.npz"]}
-    assert entries(tmp_path / "step-000000006.corrupt") == \
-        left.get(damage, ["MANIFEST.json", "state.npz"])
+    assert entries(tmp_path / "step-000000006.corrupt") == left.get(
+        damage, ["MANIFEST.json", "state.npz"]
+    )
 
 
 def test_load_latest_skips_several_bad_ones(tmp_path: Path) -> None:
@@ -128,45 +133,55 @@ def test_load_latest_skips_several_bad_ones(tmp_path: Path) -> None:
     flip_byte(tmp_path / "step-000000009")
     ckpt = checkpoint.load_latest(tmp_path)
     assert ckpt is not None and ckpt.step == 6
-    assert entries(tmp_path) == ["step-000000003", "step-000000006", "step-000000009.corrupt",
-                                 "step-000000012.corrupt"]
+    assert entries(tmp_path) == [
+        "step-000000003",
+        "step-000000006",
+        "step-000000009.corrupt",
+        "step-000000012.corrupt",
+    ]
 
 
-def test_load_latest_all_bad_returns_none(tmp_path: Path,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_load_latest_all_bad_returns_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     save_steps(tmp_path, [3, 6])
     delete_state(tmp_path / "step-000000003")
     truncate(tmp_path / "step-000000006")
     with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
         assert checkpoint.load_latest(tmp_path) is None
     assert entries(tmp_path) == ["step-000000003.corrupt", "step-000000006.corrupt"]
-    assert caplog.messages[-1] == f"No checkpoint under {tmp_path} verified; starting this " \
-        "stage over."
+    assert (
+        caplog.messages[-1] == f"No checkpoint under {tmp_path} verified; starting this stage over."
+    )
 
 
 def test_second_corruption_of_same_step_gets_a_new_name(tmp_path: Path) -> None:
     save_steps(tmp_path, [3, 6])
     flip_byte(tmp_path / "step-000000006")
     assert checkpoint.load_latest(tmp_path).step == 3
-    save_steps(tmp_path, [6])                   # training redid step 6 ... and it broke again
+    save_steps(tmp_path, [6])  # training redid step 6 ... and it broke again
     truncate(tmp_path / "step-000000006")
     assert checkpoint.load_latest(tmp_path).step == 3
-    assert entries(tmp_path) == ["step-000000003", "step-000000006.corrupt",
-                                 "step-000000006.corrupt2"]
+    assert entries(tmp_path) == [
+        "step-000000003",
+        "step-000000006.corrupt",
+        "step-000000006.corrupt2",
+    ]
 
 
-@pytest.mark.parametrize("keep,best,left", [
-    (2, None, [4, 5]),
-    (2, 1, [1, 4, 5]),
-    (2, 5, [4, 5]),          # the best is among the newest: nothing extra kept
-    (1, 3, [3, 5]),
-    (5, None, [1, 2, 3, 4, 5]),
-    (9, 2, [1, 2, 3, 4, 5]),
-])
+@pytest.mark.parametrize(
+    "keep,best,left",
+    [
+        (2, None, [4, 5]),
+        (2, 1, [1, 4, 5]),
+        (2, 5, [4, 5]),  # the best is among the newest: nothing extra kept
+        (1, 3, [3, 5]),
+        (5, None, [1, 2, 3, 4, 5]),
+        (9, 2, [1, 2, 3, 4, 5]),
+    ],
+)
 def test_retain(tmp_path: Path, keep: int, best: int | None, left: list[int]) -> None:
     save_steps(tmp_path, [1, 2, 3, 4, 5])
     checkpoint.retain(tmp_path, keep, best)
-    assert entries(tmp_path) == [f"step-{s:09d}" for s in left]   # no temp left behind
+    assert entries(tmp_path) == [f"step-{s:09d}" for s in left]  # no temp left behind
     for step in left:
         assert_state(checkpoint.load(checkpoint.path_for(tmp_path, step)), step)
 

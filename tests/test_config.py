@@ -23,8 +23,10 @@ from pipeline.errors import ConfigError
         ("model=resnet", "error: model=resnet is not a config option; available: cnn, mlp"),
         ("+foo=1", "error: foo is not a config key."),
         ("checkpoint.keep=0", "error: checkpoint.keep=0 is not allowed: an integer >= 1"),
-        ("evaluate.checkpoint=worst", "error: evaluate.checkpoint='worst' is not allowed: "
-                                      "latest or best"),
+        (
+            "evaluate.checkpoint=worst",
+            "error: evaluate.checkpoint='worst' is not allowed: latest or best",
+        ),
         ("model.dropout=1.5", "error: model.dropout=1.5 is not allowed: a number in [0, 1)"),
     ],
 )
@@ -41,13 +43,22 @@ def test_unknown_command_and_stage_on_missing_run(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown command 'trian'" in result.stderr
     result = cli(["evaluate", "run.name=nope"], tmp_path)
     assert result.returncode == 2
-    assert "no run at outputs/nope. Start it with: python -m pipeline train run.name=nope" \
+    assert (
+        "no run at outputs/nope. Start it with: python -m pipeline train run.name=nope"
         in result.stderr
+    )
 
 
 def test_run_directory_is_derived_from_identity_overrides() -> None:
-    run_dir = compose_and_check(["model=mlp", "fit.epochs=3", "data.train_size=2000", "seed=7",
-                                 "data.path=/somewhere/mnist.npz"])
+    run_dir = compose_and_check(
+        [
+            "model=mlp",
+            "fit.epochs=3",
+            "data.train_size=2000",
+            "seed=7",
+            "data.path=/somewhere/mnist.npz",
+        ]
+    )
     # fit.epochs and data.path do not change what the run is, so they are not in its name.
     assert run_dir == Path("outputs/data.train_size=2000,model=mlp,seed=7")
     assert compose_and_check([]) == Path("outputs/default")
@@ -68,10 +79,12 @@ def test_tutorial_experiment_is_the_classic_setup() -> None:
 
 
 def test_config_check_does_not_import_tensorflow() -> None:
-    code = ("import sys\nfrom pipeline.configcheck import compose_and_check\n"
-            "from pipeline.errors import ConfigError\n"
-            "try:\n    compose_and_check(['fit.epochs=abc'])\nexcept ConfigError:\n    pass\n"
-            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    code = (
+        "import sys\nfrom pipeline.configcheck import compose_and_check\n"
+        "from pipeline.errors import ConfigError\n"
+        "try:\n    compose_and_check(['fit.epochs=abc'])\nexcept ConfigError:\n    pass\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
 

@@ -13,9 +13,22 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "crash_test.py"
 
 def harness(tmp_path: Path, kills: int, seed: int) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--kills", str(kills), "--seed", str(seed),
-         "--corrupt-prob", "0.5", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=1800)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--kills",
+            str(kills),
+            "--seed",
+            str(seed),
+            "--corrupt-prob",
+            "0.5",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
 
 
 def test_harness_small(tmp_path: Path) -> None:

@@ -13,8 +13,12 @@ import pytest
 from pipeline import data, durable
 from pipeline.data import DataError
 
-IDX_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte"]
+IDX_NAMES = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
 KEYS = ["x_train", "y_train", "x_test", "y_test"]
 
 
@@ -22,10 +26,12 @@ KEYS = ["x_train", "y_train", "x_test", "y_test"]
 def arrays() -> dict[str, np.ndarray]:
     """A small MNIST-shaped set: 60 training and 20 test images, labels cycling 0-9."""
     rng = np.random.default_rng(1234)
-    return {"x_train": rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
-            "y_train": (np.arange(60) * 7 % 10).astype(np.uint8),
-            "x_test": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
-            "y_test": (np.arange(20) % 10).astype(np.uint8)}
+    return {
+        "x_train": rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
+        "y_train": (np.arange(60) * 7 % 10).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+        "y_test": (np.arange(20) % 10).astype(np.uint8),
+    }
 
 
 def idx_bytes(arr: np.ndarray, magic: int | None = None) -> bytes:
@@ -98,8 +104,10 @@ def test_idx_bad_magic(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     bad.write_bytes(idx_bytes(arrays["x_train"], magic=0x00000804))
     with pytest.raises(DataError) as info:
         data.read_idx_dir(tmp_path)
-    assert str(info.value) == (f"{bad} has a bad IDX magic number 0x00000804; expected "
-                               "0x00000803 (unsigned bytes, 3 dimensions)")
+    assert str(info.value) == (
+        f"{bad} has a bad IDX magic number 0x00000804; expected "
+        "0x00000803 (unsigned bytes, 3 dimensions)"
+    )
 
 
 def test_idx_labels_with_image_magic(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -108,21 +116,26 @@ def test_idx_labels_with_image_magic(tmp_path: Path, arrays: dict[str, np.ndarra
     bad.write_bytes(gzip.compress(idx_bytes(arrays["y_test"], magic=0x803)))
     with pytest.raises(DataError) as info:
         data.read_idx_dir(tmp_path)
-    assert str(info.value) == (f"{bad} has a bad IDX magic number 0x00000803; expected "
-                               "0x00000801 (unsigned bytes, 1 dimensions)")
+    assert str(info.value) == (
+        f"{bad} has a bad IDX magic number 0x00000803; expected "
+        "0x00000801 (unsigned bytes, 1 dimensions)"
+    )
 
 
 @pytest.mark.parametrize("delta", [-1, +5])
-def test_idx_size_not_matching_header(tmp_path: Path, arrays: dict[str, np.ndarray],
-                                      delta: int) -> None:
+def test_idx_size_not_matching_header(
+    tmp_path: Path, arrays: dict[str, np.ndarray], delta: int
+) -> None:
     write_idx_dir(tmp_path, arrays, gz=False)
     bad = tmp_path / "t10k-images-idx3-ubyte"
     raw = idx_bytes(arrays["x_test"])
     bad.write_bytes(raw[:delta] if delta < 0 else raw + b"\0" * delta)
     with pytest.raises(DataError) as info:
         data.read_idx_dir(tmp_path)
-    assert str(info.value) == (f"{bad}: its header says (20, 28, 28) = 15680 bytes of data, but "
-                               f"it holds {15680 + delta}; the file is truncated or damaged")
+    assert str(info.value) == (
+        f"{bad}: its header says (20, 28, 28) = 15680 bytes of data, but "
+        f"it holds {15680 + delta}; the file is truncated or damaged"
+    )
 
 
 def test_idx_too_short_for_header(tmp_path: Path) -> None:
@@ -151,7 +164,8 @@ def test_idx_missing_file(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None
     assert str(info.value) == (
         f"{tmp_path} has no t10k-labels-idx1-ubyte or t10k-labels-idx1-ubyte.gz; an IDX "
         "directory needs train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz)")
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz)"
+    )
 
 
 # ---------------------------------------------------------------- .npz files
@@ -160,7 +174,7 @@ def test_idx_missing_file(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None
 def test_npz_loads(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     path = write_npz(tmp_path / "mnist.npz", {**arrays, "extra": np.zeros(3)})
     loaded, fingerprint, origin = data.load_source("mnist", str(path))
-    assert_same(loaded, arrays)          # extra keys are ignored
+    assert_same(loaded, arrays)  # extra keys are ignored
     assert origin == str(path)
     assert fingerprint == expected_hash([path])
 
@@ -174,20 +188,23 @@ def test_npz_truncated(tmp_path: Path, arrays: dict[str, np.ndarray], keep: floa
         data.load_source("mnist", str(path))
     message = str(info.value)
     assert message.startswith(f"{path} cannot be read as .npz (")
-    assert message.endswith("); is it truncated? Download it again or point data.path at a "
-                            "good copy")
+    assert message.endswith(
+        "); is it truncated? Download it again or point data.path at a good copy"
+    )
 
 
 def test_npz_wrong_keys(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path = write_npz(tmp_path / "mnist.npz", {"images": arrays["x_train"],
-                                              "labels": arrays["y_train"],
-                                              "x_test": arrays["x_test"]})
+    path = write_npz(
+        tmp_path / "mnist.npz",
+        {"images": arrays["x_train"], "labels": arrays["y_train"], "x_test": arrays["x_test"]},
+    )
     with pytest.raises(DataError) as info:
         data.load_source("mnist", str(path))
     assert str(info.value) == (
         f"{path} is not a Keras-layout MNIST file: keys ['x_train', 'y_train', 'y_test'] are "
         "missing (it has ['images', 'labels', 'x_test']); expected x_train, y_train, x_test, "
-        "y_test")
+        "y_test"
+    )
 
 
 def test_missing_data_path(tmp_path: Path) -> None:
@@ -196,18 +213,23 @@ def test_missing_data_path(tmp_path: Path) -> None:
         data.load_source("mnist", str(missing))
     assert str(info.value) == (
         f"data.path={missing} does not exist. Give a Keras-layout .npz file or a directory of "
-        "IDX files, or leave data.path unset to download")
+        "IDX files, or leave data.path unset to download"
+    )
 
 
 # ---------------------------------------------------------------- content checks
 
 
-@pytest.mark.parametrize("key,bad_labels,shown", [
-    ("y_train", {5: 10}, "10"),
-    ("y_test", {0: 255}, "255"),
-])
-def test_labels_outside_range(tmp_path: Path, arrays: dict[str, np.ndarray], key: str,
-                              bad_labels: dict[int, int], shown: str) -> None:
+@pytest.mark.parametrize(
+    "key,bad_labels,shown",
+    [
+        ("y_train", {5: 10}, "10"),
+        ("y_test", {0: 255}, "255"),
+    ],
+)
+def test_labels_outside_range(
+    tmp_path: Path, arrays: dict[str, np.ndarray], key: str, bad_labels: dict[int, int], shown: str
+) -> None:
     labels = arrays[key].copy()
     for index, value in bad_labels.items():
         labels[index] = value
@@ -231,13 +253,17 @@ def test_float_labels_refused(arrays: dict[str, np.ndarray]) -> None:
         data.check_arrays({**arrays, "y_test": arrays["y_test"].astype(np.float32)}, "src")
 
 
-@pytest.mark.parametrize("key,shape", [
-    ("x_train", (60, 784)),
-    ("x_train", (60, 28, 27)),
-    ("x_test", (20, 28, 28, 1)),
-])
-def test_images_of_wrong_shape(tmp_path: Path, arrays: dict[str, np.ndarray], key: str,
-                               shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    "key,shape",
+    [
+        ("x_train", (60, 784)),
+        ("x_train", (60, 28, 27)),
+        ("x_test", (20, 28, 28, 1)),
+    ],
+)
+def test_images_of_wrong_shape(
+    tmp_path: Path, arrays: dict[str, np.ndarray], key: str, shape: tuple[int, ...]
+) -> None:
     images = np.zeros(shape, dtype=np.uint8)
     path = write_npz(tmp_path / "mnist.npz", {**arrays, key: images})
     with pytest.raises(DataError) as info:
@@ -257,7 +283,8 @@ def test_pixel_values_outside_byte_range(arrays: dict[str, np.ndarray]) -> None:
     with pytest.raises(DataError) as info:
         data.check_arrays({**arrays, "x_train": x}, "src")
     assert str(info.value).startswith(
-        "src: x_train must hold whole pixel values 0–255 as MNIST does (dtype int32, range 0–256)")
+        "src: x_train must hold whole pixel values 0–255 as MNIST does (dtype int32, range 0–256)"
+    )
 
 
 def test_wider_integer_pixels_in_range_are_accepted(arrays: dict[str, np.ndarray]) -> None:
@@ -272,11 +299,21 @@ def test_split_sizes_and_contents(arrays: dict[str, np.ndarray]) -> None:
     out = data.split(arrays, train_size=40, test_size=15, val_fraction=0.25)
     assert list(out) == list(data.SPLITS)
     assert {k: v.shape for k, v in out.items()} == {
-        "x_train": (30, 28, 28), "y_train": (30,), "x_val": (10, 28, 28), "y_val": (10,),
-        "x_test": (15, 28, 28), "y_test": (15,)}
+        "x_train": (30, 28, 28),
+        "y_train": (30,),
+        "x_val": (10, 28, 28),
+        "y_val": (10,),
+        "x_test": (15, 28, 28),
+        "y_test": (15,),
+    }
     assert {k: v.dtype for k, v in out.items()} == {
-        "x_train": np.uint8, "y_train": np.int64, "x_val": np.uint8, "y_val": np.int64,
-        "x_test": np.uint8, "y_test": np.int64}
+        "x_train": np.uint8,
+        "y_train": np.int64,
+        "x_val": np.uint8,
+        "y_val": np.int64,
+        "x_test": np.uint8,
+        "y_test": np.int64,
+    }
     assert np.array_equal(out["x_train"], arrays["x_train"][:30])
     assert np.array_equal(out["y_train"], arrays["y_train"][:30])
     assert np.array_equal(out["x_val"], arrays["x_train"][30:40])
@@ -285,16 +322,23 @@ def test_split_sizes_and_contents(arrays: dict[str, np.ndarray]) -> None:
     assert np.array_equal(out["y_test"], arrays["y_test"][:15])
 
 
-@pytest.mark.parametrize("train_size,test_size,fraction,sizes", [
-    (None, None, 0.1, (54, 6, 20)),       # None: everything
-    (None, 5, 0.0, (60, 0, 5)),           # no validation at all
-    (50, None, 0.1, (45, 5, 20)),
-    (30, 100, 0.05, (28, 2, 20)),         # 1.5 rounds to 2; test_size larger than the set
-    (7, None, 0.5, (3, 4, 20)),           # 3.5 rounds to 4
-])
-def test_split_sizes(arrays: dict[str, np.ndarray], train_size: int | None,
-                     test_size: int | None, fraction: float,
-                     sizes: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize(
+    "train_size,test_size,fraction,sizes",
+    [
+        (None, None, 0.1, (54, 6, 20)),  # None: everything
+        (None, 5, 0.0, (60, 0, 5)),  # no validation at all
+        (50, None, 0.1, (45, 5, 20)),
+        (30, 100, 0.05, (28, 2, 20)),  # 1.5 rounds to 2; test_size larger than the set
+        (7, None, 0.5, (3, 4, 20)),  # 3.5 rounds to 4
+    ],
+)
+def test_split_sizes(
+    arrays: dict[str, np.ndarray],
+    train_size: int | None,
+    test_size: int | None,
+    fraction: float,
+    sizes: tuple[int, int, int],
+) -> None:
     out = data.split(arrays, train_size, test_size, fraction)
     assert (len(out["x_train"]), len(out["x_val"]), len(out["x_test"])) == sizes
     assert (len(out["y_train"]), len(out["y_val"]), len(out["y_test"])) == sizes
@@ -320,8 +364,15 @@ def test_pixel_stats_match_float64_computation(arrays: dict[str, np.ndarray]) ->
 def prepare(path: Path, cache: Path, **overrides):
     args = {"train_size": 50, "test_size": 10, "val_fraction": 0.2, "normalize": "standardize"}
     args.update(overrides)
-    return data.prepare("mnist", str(path), args["train_size"], args["test_size"],
-                        args["val_fraction"], args["normalize"], cache)
+    return data.prepare(
+        "mnist",
+        str(path),
+        args["train_size"],
+        args["test_size"],
+        args["val_fraction"],
+        args["normalize"],
+        cache,
+    )
 
 
 def test_prepare_writes_a_verified_cache(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -329,15 +380,26 @@ def test_prepare_writes_a_verified_cache(tmp_path: Path, arrays: dict[str, np.nd
     cache = tmp_path / "run" / "data"
     prepared = prepare(source, cache)
     assert {k: len(v) for k, v in prepared.arrays.items()} == {
-        "x_train": 40, "y_train": 40, "x_val": 10, "y_val": 10, "x_test": 10, "y_test": 10}
+        "x_train": 40,
+        "y_train": 40,
+        "x_val": 10,
+        "y_val": 10,
+        "x_test": 10,
+        "y_test": 10,
+    }
     mean, std = data.pixel_stats(arrays["x_train"][:40])
     assert (prepared.mean, prepared.std) == (mean, std)
     assert prepared.source == str(source)
     meta = durable.verify_dir(cache)
     assert meta["source_sha256"] == expected_hash([source])
     assert meta["fingerprint"] == prepared.fingerprint
-    assert meta["recipe"] == {"name": "mnist", "train_size": 50, "test_size": 10,
-                              "val_fraction": 0.2, "normalize": "standardize"}
+    assert meta["recipe"] == {
+        "name": "mnist",
+        "train_size": 50,
+        "test_size": 10,
+        "val_fraction": 0.2,
+        "normalize": "standardize",
+    }
     assert sorted(p.name for p in cache.iterdir()) == ["MANIFEST.json", "prepared.npz"]
 
 
@@ -347,8 +409,9 @@ def test_prepare_scale_uses_identity_stats(tmp_path: Path, arrays: dict[str, np.
     assert (prepared.mean, prepared.std) == (0.0, 1.0)
 
 
-def test_prepare_reuses_cache(tmp_path: Path, arrays: dict[str, np.ndarray],
-                              caplog: pytest.LogCaptureFixture) -> None:
+def test_prepare_reuses_cache(
+    tmp_path: Path, arrays: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
     source = write_npz(tmp_path / "mnist.npz", arrays)
     cache = tmp_path / "data"
     first = prepare(source, cache)
@@ -359,14 +422,17 @@ def test_prepare_reuses_cache(tmp_path: Path, arrays: dict[str, np.ndarray],
     assert f"Data: reusing the prepared cache in {cache}" in caplog.messages
     after = cached_file.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert (second.mean, second.std, second.fingerprint, second.source) == \
-        (first.mean, first.std, first.fingerprint, first.source)
+    assert (second.mean, second.std, second.fingerprint, second.source) == (
+        first.mean,
+        first.std,
+        first.fingerprint,
+        first.source,
+    )
     assert_same(second.arrays, first.arrays)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mnist.npz"]
 
 
-def test_prepare_rebuilds_for_another_recipe(tmp_path: Path,
-                                             arrays: dict[str, np.ndarray]) -> None:
+def test_prepare_rebuilds_for_another_recipe(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     source = write_npz(tmp_path / "mnist.npz", arrays)
     cache = tmp_path / "data"
     first = prepare(source, cache)
@@ -390,12 +456,12 @@ def test_prepare_refuses_changed_source(tmp_path: Path, arrays: dict[str, np.nda
     assert str(info.value).startswith(
         f"The data source changed under this run: {source} now has content {new[:12]}, but the "
         f"run was prepared from {source} with content {old[:12]}. Use the original data, or "
-        "start a new run with run.name=<new> (or run.restart=true)")
-    assert durable.verify_dir(cache)["source_sha256"] == old      # the cache is left alone
+        "start a new run with run.name=<new> (or run.restart=true)"
+    )
+    assert durable.verify_dir(cache)["source_sha256"] == old  # the cache is left alone
 
 
-def test_prepare_refuses_changed_idx_source(tmp_path: Path,
-                                            arrays: dict[str, np.ndarray]) -> None:
+def test_prepare_refuses_changed_idx_source(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     write_idx_dir(tmp_path / "idx", arrays, gz=True)
     cache = tmp_path / "data"
     prepare(tmp_path / "idx", cache)
@@ -429,7 +495,7 @@ def test_features_mlp(arrays: dict[str, np.ndarray]) -> None:
     assert out.shape == (7, 784) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert np.allclose(out, x.reshape(7, 784) / 255.0, atol=1e-7)
-    assert x.dtype == np.uint8           # the input is not changed
+    assert x.dtype == np.uint8  # the input is not changed
 
 
 def test_features_cnn() -> None:
@@ -460,8 +526,11 @@ def test_bundled_sample_loads() -> None:
     arrays, fingerprint, origin = data.load_source("sample", None)
     assert origin == "bundled sample mnist_sample.npz"
     assert {k: v.shape for k, v in arrays.items()} == {
-        "x_train": (9000, 28, 28), "y_train": (9000,), "x_test": (2000, 28, 28),
-        "y_test": (2000,)}
+        "x_train": (9000, 28, 28),
+        "y_train": (9000,),
+        "x_test": (2000, 28, 28),
+        "y_test": (2000,),
+    }
     assert arrays["x_train"].dtype == np.uint8
     data.check_arrays(arrays, origin)
     assert sorted(np.unique(arrays["y_train"]).tolist()) == list(range(10))
@@ -471,11 +540,12 @@ def test_bundled_sample_loads() -> None:
 # ---------------------------------------------------------------- bugs
 
 
-def test_damaged_compressed_npz_raises_data_error(tmp_path: Path,
-                                                  arrays: dict[str, np.ndarray]) -> None:
+def test_damaged_compressed_npz_raises_data_error(
+    tmp_path: Path, arrays: dict[str, np.ndarray]
+) -> None:
     path = tmp_path / "mnist.npz"
     small = {k: v[:8] for k, v in arrays.items()}
-    np.savez_compressed(path, **small)       # Keras' mnist.npz is a compressed archive
+    np.savez_compressed(path, **small)  # Keras' mnist.npz is a compressed archive
     raw = path.read_bytes()
     escaped = set()
     for position in range(0, len(raw), 23):
@@ -492,8 +562,7 @@ def test_damaged_compressed_npz_raises_data_error(tmp_path: Path,
 
 
 def test_fractional_float_images_are_refused(arrays: dict[str, np.ndarray]) -> None:
-    scaled = {**arrays, "x_train": arrays["x_train"] / 255.0,
-              "x_test": arrays["x_test"] / 255.0}
+    scaled = {**arrays, "x_train": arrays["x_train"] / 255.0, "x_test": arrays["x_test"] / 255.0}
     with pytest.raises(DataError):
         data.check_arrays(scaled, "src")
 
@@ -502,14 +571,16 @@ def test_bad_label_example_is_plain() -> None:
     images = np.zeros((2, 28, 28), dtype=np.uint8)
     labels = np.array([1, 10], dtype=np.uint8)
     with pytest.raises(DataError) as info:
-        data.check_arrays({"x_train": images, "y_train": labels, "x_test": images,
-                           "y_test": labels % 10}, "src")
+        data.check_arrays(
+            {"x_train": images, "y_train": labels, "x_test": images, "y_test": labels % 10}, "src"
+        )
     assert str(info.value) == "src: y_train has labels outside 0–9 (e.g. [10])"
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_fraction_leaving_no_training_images_is_refused(tmp_path: Path,
-                                                        arrays: dict[str, np.ndarray]) -> None:
+def test_fraction_leaving_no_training_images_is_refused(
+    tmp_path: Path, arrays: dict[str, np.ndarray]
+) -> None:
     # validate() allows any val_fraction < 1; round(10 * 0.95) = 10 takes the whole slice.
     source = write_npz(tmp_path / "mnist.npz", arrays)
     with pytest.raises(DataError):

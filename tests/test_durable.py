@@ -33,8 +33,14 @@ def names(directory: Path) -> list[str]:
 
 def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 # ---------------------------------------------------------------- single files
@@ -85,8 +91,10 @@ def test_permission_error_becomes_pipeline_error(tmp_path: Path) -> None:
     with pytest.raises(PipelineError) as info:
         durable.write_file(target, denied)
     assert type(info.value) is PipelineError
-    assert str(info.value) == (f"Cannot write {target}: Permission denied. Make the directory "
-                               "writable or choose another one with run.outputs=...")
+    assert str(info.value) == (
+        f"Cannot write {target}: Permission denied. Make the directory "
+        "writable or choose another one with run.outputs=..."
+    )
     assert names(tmp_path) == []
 
 
@@ -101,8 +109,10 @@ def test_enospc_from_writer_becomes_disk_full_with_size_hint(tmp_path: Path) -> 
         durable.write_file(target, full, size_hint=3_250_000)
     message = str(info.value)
     assert message.startswith(f"No space left writing {target}: it needs 3.2 MB, ")
-    assert message.endswith("MB are free. Free some disk space (or raise the file-size limit) "
-                            "and run the same command again; nothing committed was lost.")
+    assert message.endswith(
+        "MB are free. Free some disk space (or raise the file-size limit) "
+        "and run the same command again; nothing committed was lost."
+    )
     assert isinstance(info.value, PipelineError) and info.value.exit_code == 1
     assert names(tmp_path) == []
 
@@ -141,12 +151,15 @@ def test_record_with_changed_value_fails_checksum(tmp_path: Path) -> None:
         durable.read_record(path)
 
 
-@pytest.mark.parametrize("damage", [
-    lambda raw: raw[: len(raw) // 2],                      # truncated JSON
-    lambda raw: b"",                                        # empty file
-    lambda raw: json.dumps({"data": {"step": 1}}).encode(),  # no checksum
-    lambda raw: b"[1, 2]",                                  # wrong JSON type
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[: len(raw) // 2],  # truncated JSON
+        lambda raw: b"",  # empty file
+        lambda raw: json.dumps({"data": {"step": 1}}).encode(),  # no checksum
+        lambda raw: b"[1, 2]",  # wrong JSON type
+    ],
+)
 def test_unreadable_record(tmp_path: Path, damage) -> None:
     path = tmp_path / "rec.json"
     durable.write_record(path, {"step": 10})
@@ -158,7 +171,7 @@ def test_unreadable_record(tmp_path: Path, damage) -> None:
 
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     path = tmp_path / "big"
-    data = os.urandom((1 << 20) + 17)   # more than one read block
+    data = os.urandom((1 << 20) + 17)  # more than one read block
     path.write_bytes(data)
     assert durable.sha256_file(path) == hashlib.sha256(data).hexdigest()
 
@@ -175,8 +188,13 @@ def fill_two(tmp: Path) -> None:
 def test_write_dir_commits_files_and_manifest(tmp_path: Path) -> None:
     final = tmp_path / "ckpt"
     durable.write_dir(final, fill_two, {"step": 7})
-    assert names(tmp_path) == ["ckpt", "ckpt/MANIFEST.json", "ckpt/a.bin", "ckpt/sub",
-                               "ckpt/sub/b.txt"]
+    assert names(tmp_path) == [
+        "ckpt",
+        "ckpt/MANIFEST.json",
+        "ckpt/a.bin",
+        "ckpt/sub",
+        "ckpt/sub/b.txt",
+    ]
     manifest = durable.read_record(final / durable.MANIFEST)
     assert manifest == {
         "meta": {"step": 7},
@@ -222,8 +240,13 @@ def test_write_dir_does_not_clobber_a_committed_directory(tmp_path: Path) -> Non
         durable.write_dir(final, lambda tmp: (tmp / "other").write_bytes(b"x"), {"v": 2})
     assert info.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
     assert durable.verify_dir(final) == {"v": 1}
-    assert names(tmp_path) == ["ckpt", "ckpt/MANIFEST.json", "ckpt/a.bin", "ckpt/sub",
-                               "ckpt/sub/b.txt"]
+    assert names(tmp_path) == [
+        "ckpt",
+        "ckpt/MANIFEST.json",
+        "ckpt/a.bin",
+        "ckpt/sub",
+        "ckpt/sub/b.txt",
+    ]
 
 
 def test_verify_dir_without_manifest(tmp_path: Path) -> None:
@@ -306,8 +329,11 @@ def test_remove_temps_deletes_only_temporaries(tmp_path: Path) -> None:
     removed = durable.remove_temps(tmp_path)
 
     assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == [
-        ".state.tmp-123.npz", ".step-000000001.tmp-99-del", ".step-000000003.tmp-99",
-        "ckpt/.events.tmp-5.7"]
+        ".state.tmp-123.npz",
+        ".step-000000001.tmp-99-del",
+        ".step-000000003.tmp-99",
+        "ckpt/.events.tmp-5.7",
+    ]
     assert names(tmp_path) == [".lock", "ckpt", "ckpt/state.npz", "notes.tmp-1.txt"]
 
 
@@ -319,7 +345,8 @@ def test_remove_temps_of_missing_directory(tmp_path: Path) -> None:
 
 
 def test_failpoint_is_silent_without_spec_or_for_other_names(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     durable.failpoint("file_after_write")
     monkeypatch.setenv("PIPELINE_FAILPOINT", "something_else:raise")
     durable.failpoint("file_after_write")
@@ -328,13 +355,13 @@ def test_failpoint_is_silent_without_spec_or_for_other_names(
 def test_failpoint_raise_on_nth_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "blob.bin"
     monkeypatch.setenv("PIPELINE_FAILPOINT", "file_after_fsync@2:raise")
-    durable.write_bytes(target, b"first")          # hit 1 passes
-    with pytest.raises(OSError) as info:         # hit 2 fails, after the temp was fsynced
+    durable.write_bytes(target, b"first")  # hit 1 passes
+    with pytest.raises(OSError) as info:  # hit 2 fails, after the temp was fsynced
         durable.write_bytes(target, b"second")
     assert info.value.errno == errno.EIO and info.value.strerror == "failpoint file_after_fsync"
     assert target.read_bytes() == b"first"
     assert names(tmp_path) == ["blob.bin"]
-    durable.write_bytes(target, b"third")          # hit 3 passes again
+    durable.write_bytes(target, b"third")  # hit 3 passes again
     assert target.read_bytes() == b"third"
 
 
@@ -357,8 +384,9 @@ KILLED_WRITE = """
 
 def test_failpoint_kill_in_file_write_leaves_old_file_and_a_temp(tmp_path: Path) -> None:
     (tmp_path / "blob.bin").write_bytes(b"old")
-    result = run_python(KILLED_WRITE.format(root=str(tmp_path)),
-                        {"PIPELINE_FAILPOINT": "file_after_fsync"})
+    result = run_python(
+        KILLED_WRITE.format(root=str(tmp_path)), {"PIPELINE_FAILPOINT": "file_after_fsync"}
+    )
     assert result.returncode == -9, result.stderr
     assert "not killed" not in result.stdout
     assert (tmp_path / "blob.bin").read_bytes() == b"old"
@@ -370,8 +398,9 @@ def test_failpoint_kill_in_file_write_leaves_old_file_and_a_temp(tmp_path: Path)
 
 
 def test_failpoint_kill_before_dir_rename_leaves_no_committed_dir(tmp_path: Path) -> None:
-    result = run_python(KILLED_WRITE.format(root=str(tmp_path)),
-                        {"PIPELINE_FAILPOINT": "dir_before_rename"})
+    result = run_python(
+        KILLED_WRITE.format(root=str(tmp_path)), {"PIPELINE_FAILPOINT": "dir_before_rename"}
+    )
     assert result.returncode == -9, result.stderr
     assert not (tmp_path / "ckpt").exists()
     temps = [n for n in os.listdir(tmp_path) if durable.TMP_MARK in n]
@@ -420,8 +449,9 @@ def test_disk_full_keeps_previous_file_and_names_path_and_size(tmp_path: Path) -
 # ---------------------------------------------------------------- bugs
 
 
-def test_disk_full_at_commit_names_the_size(tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_at_commit_names_the_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # ENOSPC reported by fsync (delayed allocation, NFS, quotas): the writes themselves worked.
     real_fsync = os.fsync
 

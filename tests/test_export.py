@@ -22,8 +22,16 @@ SAVED_MODEL_CLI = Path(sys.executable).with_name("saved_model_cli")
 # A small run that classifies well (about 96% on its 300 test images), with every export format
 # (TFLite included). Trained once per session and shared with test_predict.py.
 # Keras' plain Adam and no augmentation: the default recipe is tuned for 21 epochs of full MNIST.
-GOOD = ["data=sample", "data.train_size=3000", "data.test_size=300", "fit.batch_size=50",
-        "fit.epochs=2", "checkpoint.every_steps=0", "optimizer=adam", "fit.augment_shift=0"]
+GOOD = [
+    "data=sample",
+    "data.train_size=3000",
+    "data.test_size=300",
+    "fit.batch_size=50",
+    "fit.epochs=2",
+    "checkpoint.every_steps=0",
+    "optimizer=adam",
+    "fit.augment_shift=0",
+]
 
 
 def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -48,14 +56,20 @@ def held_out(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def saved_model_cli(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(SAVED_MODEL_CLI), *args], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    result = subprocess.run(
+        [str(SAVED_MODEL_CLI), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def printed_outputs(stdout: str, keys: tuple[str, ...] = ("class_id", "probabilities")
-                    ) -> dict[str, np.ndarray]:
+def printed_outputs(
+    stdout: str, keys: tuple[str, ...] = ("class_id", "probabilities")
+) -> dict[str, np.ndarray]:
     """Parse `saved_model_cli run`'s "Result for output key K:\\n<numpy print>" blocks."""
     parts = re.split(r"^Result for output key (\w+):\n", stdout, flags=re.M)
     outputs = {}
@@ -64,7 +78,7 @@ def printed_outputs(stdout: str, keys: tuple[str, ...] = ("class_id", "probabili
             continue
         lines = text.splitlines()
         ends = [i for i, line in enumerate(lines) if not line.startswith(("[", " "))]
-        text = "\n".join(lines[:ends[0]] if ends else lines)  # e.g. "Output K is saved to"
+        text = "\n".join(lines[: ends[0]] if ends else lines)  # e.g. "Output K is saved to"
         assert "..." not in text, "numpy summarized the output; use fewer images"
         rows = text.count("[") - 1 if text.lstrip().startswith("[[") else 0
         values = np.array(text.replace("[", " ").replace("]", " ").split(), dtype=np.float64)
@@ -73,8 +87,9 @@ def printed_outputs(stdout: str, keys: tuple[str, ...] = ("class_id", "probabili
 
 
 def run_cli(export: Path, signature: str, *inputs: str) -> dict[str, np.ndarray]:
-    result = saved_model_cli("run", "--dir", str(export), "--tag_set", "serve",
-                             "--signature_def", signature, *inputs)
+    result = saved_model_cli(
+        "run", "--dir", str(export), "--tag_set", "serve", "--signature_def", signature, *inputs
+    )
     return printed_outputs(result.stdout)
 
 
@@ -84,16 +99,29 @@ def reference_export(reference_run: tuple[Path, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scored(reference_run: tuple[Path, str], reference_export: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+def scored(
+    reference_run: tuple[Path, str],
+    reference_export: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, np.ndarray]:
     """saved_model_cli's class ids and probabilities for the reference run's whole test set
     (given as an .npy file), with the indices of the first images it classifies correctly."""
     x, y = held_out(reference_run[0])
     tmp = tmp_path_factory.mktemp("saved_model_cli")
     np.save(tmp / "x_test.npy", x)
-    result = saved_model_cli("run", "--dir", str(reference_export), "--tag_set", "serve",
-                             "--signature_def", "serving_default",
-                             "--inputs", f"image={tmp / 'x_test.npy'}", "--outdir", str(tmp))
+    result = saved_model_cli(
+        "run",
+        "--dir",
+        str(reference_export),
+        "--tag_set",
+        "serve",
+        "--signature_def",
+        "serving_default",
+        "--inputs",
+        f"image={tmp / 'x_test.npy'}",
+        "--outdir",
+        str(tmp),
+    )
     class_id = printed_outputs(result.stdout, ("class_id",))["class_id"].astype(np.int64)
     probabilities = np.load(tmp / "probabilities.npy")
     correct = np.flatnonzero(class_id == y)
@@ -102,25 +130,42 @@ def scored(reference_run: tuple[Path, str], reference_export: Path,
 
 def test_show_lists_the_serving_signatures(reference_export: Path) -> None:
     out = saved_model_cli("show", "--dir", str(reference_export), "--all").stdout
-    blocks = dict(re.findall(r"^signature_def\['(\w+)'\]:\n(.*?)(?=^signature_def|\Z)", out,
-                             flags=re.M | re.S))
+    blocks = dict(
+        re.findall(
+            r"^signature_def\['(\w+)'\]:\n(.*?)(?=^signature_def|\Z)", out, flags=re.M | re.S
+        )
+    )
     assert {"serving_default", "serve_flat", "serve_examples"} <= set(blocks)
     default = blocks["serving_default"]
-    assert re.search(r"inputs\['image'\] tensor_info:\n\s+dtype: DT_UINT8\n"
-                     r"\s+shape: \(-1, 28, 28\)", default), default
-    assert re.search(r"outputs\['probabilities'\] tensor_info:\n\s+dtype: DT_FLOAT\n"
-                     r"\s+shape: \(-1, 10\)", default), default
-    assert re.search(r"outputs\['class_id'\] tensor_info:\n\s+dtype: DT_INT64\n"
-                     r"\s+shape: \(-1\)", default), default
+    assert re.search(
+        r"inputs\['image'\] tensor_info:\n\s+dtype: DT_UINT8\n"
+        r"\s+shape: \(-1, 28, 28\)",
+        default,
+    ), default
+    assert re.search(
+        r"outputs\['probabilities'\] tensor_info:\n\s+dtype: DT_FLOAT\n"
+        r"\s+shape: \(-1, 10\)",
+        default,
+    ), default
+    assert re.search(
+        r"outputs\['class_id'\] tensor_info:\n\s+dtype: DT_INT64\n"
+        r"\s+shape: \(-1\)",
+        default,
+    ), default
     assert "tensorflow/serving/predict" in default
-    assert re.search(r"inputs\['image'\] tensor_info:\n\s+dtype: DT_FLOAT\n\s+shape: \(-1, 784\)",
-                     blocks["serve_flat"])
-    assert re.search(r"inputs\['examples'\] tensor_info:\n\s+dtype: DT_STRING\n\s+shape: \(-1\)",
-                     blocks["serve_examples"])
+    assert re.search(
+        r"inputs\['image'\] tensor_info:\n\s+dtype: DT_FLOAT\n\s+shape: \(-1, 784\)",
+        blocks["serve_flat"],
+    )
+    assert re.search(
+        r"inputs\['examples'\] tensor_info:\n\s+dtype: DT_STRING\n\s+shape: \(-1\)",
+        blocks["serve_examples"],
+    )
 
 
-def test_run_with_npy_file_matches_evaluation(reference_run: tuple[Path, str],
-                                              scored: dict[str, np.ndarray]) -> None:
+def test_run_with_npy_file_matches_evaluation(
+    reference_run: tuple[Path, str], scored: dict[str, np.ndarray]
+) -> None:
     # Through `--inputs image=x_test.npy`: the test accuracy saved_model_cli sees is the one
     # the evaluate stage measured from the checkpoint.
     x, y = held_out(reference_run[0])
@@ -132,12 +177,12 @@ def test_run_with_npy_file_matches_evaluation(reference_run: tuple[Path, str],
     assert len(scored["correct"]) == 4
 
 
-def test_run_with_input_exprs(reference_run: tuple[Path, str],
-                              reference_export: Path, scored: dict[str, np.ndarray]) -> None:
+def test_run_with_input_exprs(
+    reference_run: tuple[Path, str], reference_export: Path, scored: dict[str, np.ndarray]
+) -> None:
     x, y = held_out(reference_run[0])
     pick = scored["correct"]
-    out = run_cli(reference_export, "serving_default",
-                  "--input_exprs", f"image={x[pick].tolist()}")
+    out = run_cli(reference_export, "serving_default", "--input_exprs", f"image={x[pick].tolist()}")
     assert out["class_id"].astype(int).tolist() == y[pick].tolist()
     assert np.allclose(out["probabilities"], scored["probabilities"][pick], rtol=1e-5, atol=1e-7)
     # serve_flat takes the same raw pixels as floats, flat.
@@ -146,8 +191,9 @@ def test_run_with_input_exprs(reference_run: tuple[Path, str],
     assert out["class_id"].astype(int).tolist() == y[pick].tolist()
 
 
-def test_run_with_input_examples(reference_run: tuple[Path, str],
-                                 reference_export: Path, scored: dict[str, np.ndarray]) -> None:
+def test_run_with_input_examples(
+    reference_run: tuple[Path, str], reference_export: Path, scored: dict[str, np.ndarray]
+) -> None:
     x, y = held_out(reference_run[0])
     pick = scored["correct"]
     examples = [{"image": x[i].reshape(784).astype(float).tolist()} for i in pick]
@@ -168,7 +214,7 @@ def test_tflite_matches_saved_model(good: Path) -> None:
     interpreter = tf.lite.Interpreter(model_path=str(version / "model.tflite"))
     runner = interpreter.get_signature_runner("serving_default")
     assert runner.get_input_details()["image"]["dtype"] == np.uint8
-    got = [runner(image=images[i:i + 1]) for i in range(len(images))]
+    got = [runner(image=images[i : i + 1]) for i in range(len(images))]
     probabilities = np.concatenate([g["probabilities"] for g in got])
     class_id = np.concatenate([g["class_id"] for g in got])
     assert float(np.max(np.abs(probabilities - expected["probabilities"].numpy()))) < 1e-4
@@ -181,8 +227,10 @@ def test_model_card(reference_run: tuple[Path, str], reference_export: Path) -> 
     card = json.loads((reference_export / "model_card.json").read_text())
     assert card["config"]["model"]["name"] == "cnn"
     assert card["config"]["data"]["train_size"] == 600
-    assert card["data_fingerprint"] == durable.read_record(run_dir / "stages" / "data.json")[
-        "fingerprint"]
+    assert (
+        card["data_fingerprint"]
+        == durable.read_record(run_dir / "stages" / "data.json")["fingerprint"]
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert card["test_metrics"]["test_accuracy"] == metrics["test_accuracy"]
     assert card["checkpoint_step"] == metrics["checkpoint_step"] == 30
@@ -192,16 +240,18 @@ def test_model_card(reference_run: tuple[Path, str], reference_export: Path) -> 
     date = datetime.datetime.fromisoformat(card["date"])
     age = datetime.datetime.now(datetime.timezone.utc) - date
     assert datetime.timedelta(0) <= age < datetime.timedelta(days=1)
-    on_disk = {str(p.relative_to(reference_export)) for p in reference_export.rglob("*")
-               if p.is_file()} - {"model_card.json", durable.MANIFEST}
+    on_disk = {
+        str(p.relative_to(reference_export)) for p in reference_export.rglob("*") if p.is_file()
+    } - {"model_card.json", durable.MANIFEST}
     assert {"saved_model.pb", "model.keras", "model.h5", "variables/variables.index"} <= on_disk
     assert set(card["files"]) == on_disk
     for name, digest in card["files"].items():
         assert durable.sha256_file(reference_export / name) == digest, name
 
 
-def test_keras_file_reloads_with_optimizer_state(reference_run: tuple[Path, str],
-                                                 reference_export: Path) -> None:
+def test_keras_file_reloads_with_optimizer_state(
+    reference_run: tuple[Path, str], reference_export: Path
+) -> None:
     import keras
 
     from pipeline.data import features
@@ -225,8 +275,7 @@ def copy_run(run_dir: Path, cwd: Path, with_export: bool = True) -> Path:
     return target
 
 
-def test_min_accuracy_refuses_to_publish(tmp_path: Path,
-                                         reference_run: tuple[Path, str]) -> None:
+def test_min_accuracy_refuses_to_publish(tmp_path: Path, reference_run: tuple[Path, str]) -> None:
     run_dir = copy_run(reference_run[0], tmp_path, with_export=False)
     accuracy = json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
     assert accuracy < 0.999
@@ -239,7 +288,8 @@ def test_min_accuracy_refuses_to_publish(tmp_path: Path,
 
 
 def test_export_is_idempotent_and_more_training_adds_a_version(
-        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
     run_dir = copy_run(reference_run[0], tmp_path)
     model_root = run_dir / "export" / "mnist"
     manifest = (model_root / "1" / durable.MANIFEST).read_bytes()

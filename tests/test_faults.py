@@ -20,14 +20,17 @@ def committed(run_dir: Path) -> list[int]:
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_one(
-        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
     assert cli(["train", *SMALL, "fit.epochs=1"], tmp_path).returncode == 0
     run_dir = only_run_dir(tmp_path / "outputs")
     result = cli(["train", *SMALL], tmp_path, max_file_bytes=1_000_000)
     assert result.returncode == 1, result.stderr
     needed = sum(a.nbytes for a in final_state(run_dir).values()) / 1e6
-    assert (f"error: No space left writing {run_dir}/checkpoints/step-000000012: it needs "
-            f"{needed:.1f} MB") in result.stderr
+    assert (
+        f"error: No space left writing {run_dir}/checkpoints/step-000000012: it needs "
+        f"{needed:.1f} MB"
+    ) in result.stderr
     assert "nothing committed was lost" in result.stderr
     assert "Traceback" not in result.stderr
     assert committed(run_dir) == [6, 9, 10]  # keep=3: nothing newer appeared
@@ -48,8 +51,11 @@ def test_disk_full_while_caching_data(tmp_path: Path) -> None:
 
 
 def test_disk_full_while_exporting_publishes_nothing(tmp_path: Path) -> None:
-    result = cli(["train", *SMALL, "model=mlp"], tmp_path,
-                 env={"PIPELINE_FAILPOINT": "export_before_publish"})
+    result = cli(
+        ["train", *SMALL, "model=mlp"],
+        tmp_path,
+        env={"PIPELINE_FAILPOINT": "export_before_publish"},
+    )
     assert result.returncode == -signal.SIGKILL
     run_dir = only_run_dir(tmp_path / "outputs")
     result = cli(["export", *SMALL, "model=mlp"], tmp_path, max_file_bytes=1_000_000)
@@ -86,14 +92,17 @@ def test_missing_and_damaged_data_files(tmp_path: Path) -> None:
     np.savez(wrong, images=np.zeros((3, 28, 28), np.uint8))
     result = cli(["train", *SMALL, "data=mnist", f"data.path={wrong}"], tmp_path)
     assert result.returncode == 1
-    assert "is not a Keras-layout MNIST file: keys ['x_train', 'y_train', 'x_test', 'y_test']" \
+    assert (
+        "is not a Keras-layout MNIST file: keys ['x_train', 'y_train', 'x_test', 'y_test']"
         in result.stderr
+    )
     for res in (result,):
         assert "Traceback" not in res.stderr
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
-        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
     result = cli(["train", *SMALL], tmp_path, env={"PIPELINE_FAILPOINT": "dir_after_rename@6"})
     assert result.returncode == -signal.SIGKILL
     run_dir = only_run_dir(tmp_path / "outputs")
@@ -126,8 +135,7 @@ def test_damaged_run_record_and_hydra_config(tmp_path: Path) -> None:
     assert "run.restart=true" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_sigterm_checkpoints_and_exits_143(tmp_path: Path,
-                                            reference_run: tuple[Path, str]) -> None:
+def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reference_run: tuple[Path, str]) -> None:
     args = [*SMALL, "checkpoint.every_steps=0"]
     proc = start(["train", *args], tmp_path)
     deadline = time.monotonic() + 120
@@ -163,5 +171,7 @@ def test_source_changed_under_a_run_is_refused(tmp_path: Path) -> None:
 def test_shared_mnist_is_the_real_file() -> None:
     if not SHARED_MNIST.exists():
         return
-    assert durable.sha256_file(SHARED_MNIST) == \
-        "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
+    assert (
+        durable.sha256_file(SHARED_MNIST)
+        == "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
+    )

@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def locked_message(run_dir: Path, pid: int, started: str) -> str:
-    return (f"Run {run_dir} is in use by pid {pid} on {socket.gethostname()} since {started}. "
-            "Wait for it to finish, stop it, or use another run.name=...")
+    return (
+        f"Run {run_dir} is in use by pid {pid} on {socket.gethostname()} since {started}. "
+        "Wait for it to finish, stop it, or use another run.name=..."
+    )
 
 
 # ---------------------------------------------------------------- in this process
@@ -60,7 +62,7 @@ def test_second_acquire_raises_run_locked(tmp_path: Path) -> None:
 
 
 def test_release_frees_the_lock(tmp_path: Path) -> None:
-    assert not rundir.is_running(tmp_path)            # no .lock file at all
+    assert not rundir.is_running(tmp_path)  # no .lock file at all
     with rundir.RunLock(tmp_path) as lock:
         assert lock.fd is not None
         assert rundir.is_running(tmp_path)
@@ -68,8 +70,8 @@ def test_release_frees_the_lock(tmp_path: Path) -> None:
     assert not rundir.is_running(tmp_path)
     assert (tmp_path / ".lock").read_bytes() == b""
     assert rundir.lock_holder(tmp_path / ".lock") is None
-    lock.release()                                    # releasing twice is harmless
-    with rundir.RunLock(tmp_path):                    # and it can be taken again
+    lock.release()  # releasing twice is harmless
+    with rundir.RunLock(tmp_path):  # and it can be taken again
         assert rundir.lock_holder(tmp_path / ".lock")["pid"] == os.getpid()
 
 
@@ -83,8 +85,10 @@ def test_message_without_holder_record(tmp_path: Path) -> None:
         os.write(fd, b"{not json")
         with pytest.raises(RunLocked) as info:
             rundir.RunLock(tmp_path).acquire()
-        assert str(info.value) == (f"Run {tmp_path} is in use by pid ? on ? since ?. Wait for "
-                                   "it to finish, stop it, or use another run.name=...")
+        assert str(info.value) == (
+            f"Run {tmp_path} is in use by pid ? on ? since ?. Wait for "
+            "it to finish, stop it, or use another run.name=..."
+        )
     finally:
         os.close(fd)
 
@@ -104,9 +108,13 @@ HOLDER = """
 
 def test_lock_of_killed_process_is_free(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER.format(
-        run_dir=str(run_dir)))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=ROOT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLDER.format(run_dir=str(run_dir)))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         ready, _, _ = select.select([child.stdout], [], [], 30)
         assert ready, "the child did not take the lock within 30 s"
@@ -156,7 +164,8 @@ def test_different_identity_refused_naming_keys(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"Run {tmp_path} was made with a different config (data.train_size: 600 -> 900; "
         "fit.seed: '<unset>' -> 7; model.name: 'cnn' -> 'mlp'). Use run.name=<new name> for a "
-        "new run, or run.restart=true to discard this one and start over.")
+        "new run, or run.restart=true to discard this one and start over."
+    )
     assert info.value.exit_code == 2
 
 
@@ -182,8 +191,9 @@ def test_damaged_run_json(tmp_path: Path, damage: str) -> None:
     message = str(info.value)
     assert type(info.value) is PipelineError
     assert message.startswith(f"{path} is damaged (")
-    assert message.endswith("), so this run's config cannot be checked. Restore it, or start "
-                            "over with run.restart=true")
+    assert message.endswith(
+        "), so this run's config cannot be checked. Restore it, or start over with run.restart=true"
+    )
     if damage == "flipped":
         assert "checksum mismatch" in message
 
@@ -198,7 +208,7 @@ def test_stage_records(tmp_path: Path) -> None:
     assert record["step"] == 30 and isinstance(record["finished"], float)
     rundir.clear_stage(tmp_path, "fit")
     assert rundir.stage_record(tmp_path, "fit") is None
-    rundir.clear_stage(tmp_path, "fit")               # clearing a missing record is fine
+    rundir.clear_stage(tmp_path, "fit")  # clearing a missing record is fine
 
 
 def test_damaged_stage_record_is_set_aside(tmp_path: Path) -> None:
@@ -226,5 +236,6 @@ def test_check_identity_accepts_keys_added_to_the_schema_at_their_default(tmp_pa
     defaults = {"model.name": "???", "model.padding": "same"}
     rundir.check_identity(tmp_path, {"model.name": "cnn", "model.padding": "same"}, {}, defaults)
     with pytest.raises(ConfigError, match=r"model.padding: 'same' -> 'valid'"):
-        rundir.check_identity(tmp_path, {"model.name": "cnn", "model.padding": "valid"}, {},
-                              defaults)
+        rundir.check_identity(
+            tmp_path, {"model.name": "cnn", "model.padding": "valid"}, {}, defaults
+        )

@@ -29,13 +29,15 @@ def digits(good: Path) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
     x, y = held_out(good)
-    serve = tf.saved_model.load(str(good / "export" / "mnist" / "1")).signatures[
-        "serving_default"]
+    serve = tf.saved_model.load(str(good / "export" / "mnist" / "1")).signatures["serving_default"]
     probabilities = serve(image=tf.constant(x))["probabilities"].numpy()
     right = np.argmax(probabilities, -1) == y
-    index = np.array([np.flatnonzero(y == c)[np.argmax(np.where(right[y == c],
-                                                                probabilities[y == c, c], -1))]
-                      for c in range(10)])
+    index = np.array(
+        [
+            np.flatnonzero(y == c)[np.argmax(np.where(right[y == c], probabilities[y == c, c], -1))]
+            for c in range(10)
+        ]
+    )
     assert right[index].all()
     return {"index": index, "x": x[index], "y": y[index], "probabilities": probabilities[index]}
 
@@ -52,15 +54,17 @@ def predicted(stdout: str) -> list[tuple[str, int, float]]:
     return [(m["input"], int(m["class_id"]), float(m["p"])) for m in matches if m]
 
 
-def test_pngs_of_any_size_and_colour(tmp_path: Path, good: Path,
-                                     digits: dict[str, np.ndarray]) -> None:
+def test_pngs_of_any_size_and_colour(
+    tmp_path: Path, good: Path, digits: dict[str, np.ndarray]
+) -> None:
     names = []
     for image, label in zip(digits["x"], digits["y"], strict=True):
         # As MNIST stores it: 28x28 grayscale, white digit on black.
         Image.fromarray(image).save(tmp_path / f"mnist-{label}.png")
         # As a scan might look: 100 rows x 80 columns, RGB, black digit on white paper.
-        big = Image.fromarray(255 - image).convert("RGB").resize((80, 100),
-                                                                 Image.Resampling.BICUBIC)
+        big = (
+            Image.fromarray(255 - image).convert("RGB").resize((80, 100), Image.Resampling.BICUBIC)
+        )
         big.save(tmp_path / f"paper-{label}.png")
         assert Image.open(tmp_path / f"paper-{label}.png").mode == "RGB"
         names += [f"mnist-{label}.png", f"paper-{label}.png"]
@@ -85,19 +89,34 @@ def test_pngs_of_any_size_and_colour(tmp_path: Path, good: Path,
     assert all(0.1 < p <= 1.0 for _, _, p in got)
 
 
-def test_npy_arrays_and_test_indices(tmp_path: Path, good: Path,
-                                     digits: dict[str, np.ndarray]) -> None:
+def test_npy_arrays_and_test_indices(
+    tmp_path: Path, good: Path, digits: dict[str, np.ndarray]
+) -> None:
     x, labels = digits["x"], digits["y"].tolist()
     np.save(tmp_path / "square.npy", x)  # N x 28 x 28 uint8
     np.save(tmp_path / "flat.npy", x.reshape(-1, 784).astype(np.float64))  # N x 784, 0-255
     indices = digits["index"].tolist()
-    result = cli(["predict", *on(good), "square.npy", "flat.npy", "--json", "out.json",
-                  "--test-index", ",".join(map(str, indices[:5])), *map(str, indices[5:])],
-                 tmp_path)
+    result = cli(
+        [
+            "predict",
+            *on(good),
+            "square.npy",
+            "flat.npy",
+            "--json",
+            "out.json",
+            "--test-index",
+            ",".join(map(str, indices[:5])),
+            *map(str, indices[5:]),
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     got = predicted(result.stdout)
-    names = ([f"square.npy[{i}]" for i in range(10)] + [f"flat.npy[{i}]" for i in range(10)]
-             + [f"test[{i}]" for i in indices])
+    names = (
+        [f"square.npy[{i}]" for i in range(10)]
+        + [f"flat.npy[{i}]" for i in range(10)]
+        + [f"test[{i}]" for i in indices]
+    )
     assert [name for name, _, _ in got] == names
     assert [class_id for _, class_id, _ in got] == labels * 3
     report = json.loads((tmp_path / "out.json").read_text())
@@ -129,27 +148,39 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory, good: Path) -> Path:
     return tmp
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["missing.png"], "error: missing.png: no such file"),
-    (["garbage.png"], "error: garbage.png: not a readable image"),
-    (["truncated.png"], "error: truncated.png: not a readable image"),
-    (["blank.png"], "error: blank.png: no digit found"),
-    (["shape.npy"], "error: shape.npy: array of shape (10, 27, 27); expected N x 28 x 28 or "
-                    "N x 784"),
-    (["scaled.npy"], "error: scaled.npy: values from 0 to 1 look scaled to 0-1; multiply by 255"),
-    (["negative.npy"], "error: negative.npy: values from -10 to "),
-    (["text.npy"], "error: text.npy: dtype <U5; expected uint8, or numbers 0-255"),
-    (["broken.npy"], "error: broken.npy: not a readable .npy array"),
-    (["--test-index", "300"], "error: --test-index 300 is out of range: the run's test set has "
-                              "300 images"),
-    (["--test-index", "two"], "'two' is not a test-set index"),
-    (["--bogus"], "error: unrecognized arguments: --bogus"),
-    ([], "error: nothing to predict"),
-    (["run.name=nope", "whole.png"], "/nope. Train it with: python -m pipeline train"),
-    (["model.kernel=3", "whole.png"], "error: model.kernel is not a config key"),
-], ids=lambda value: value[0] if isinstance(value, list) and value else None)
-def test_bad_input_is_one_line_and_exit_2(bad_inputs: Path, good: Path, args: list[str],
-                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.png"], "error: missing.png: no such file"),
+        (["garbage.png"], "error: garbage.png: not a readable image"),
+        (["truncated.png"], "error: truncated.png: not a readable image"),
+        (["blank.png"], "error: blank.png: no digit found"),
+        (
+            ["shape.npy"],
+            "error: shape.npy: array of shape (10, 27, 27); expected N x 28 x 28 or N x 784",
+        ),
+        (
+            ["scaled.npy"],
+            "error: scaled.npy: values from 0 to 1 look scaled to 0-1; multiply by 255",
+        ),
+        (["negative.npy"], "error: negative.npy: values from -10 to "),
+        (["text.npy"], "error: text.npy: dtype <U5; expected uint8, or numbers 0-255"),
+        (["broken.npy"], "error: broken.npy: not a readable .npy array"),
+        (
+            ["--test-index", "300"],
+            "error: --test-index 300 is out of range: the run's test set has 300 images",
+        ),
+        (["--test-index", "two"], "'two' is not a test-set index"),
+        (["--bogus"], "error: unrecognized arguments: --bogus"),
+        ([], "error: nothing to predict"),
+        (["run.name=nope", "whole.png"], "/nope. Train it with: python -m pipeline train"),
+        (["model.kernel=3", "whole.png"], "error: model.kernel is not a config key"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) and value else None,
+)
+def test_bad_input_is_one_line_and_exit_2(
+    bad_inputs: Path, good: Path, args: list[str], message: str
+) -> None:
     result = cli(["predict", *on(good), *args], bad_inputs, timeout=60)
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
@@ -158,13 +189,13 @@ def test_bad_input_is_one_line_and_exit_2(bad_inputs: Path, good: Path, args: li
 
 
 def test_run_without_export(tmp_path: Path, good: Path) -> None:
-    shutil.copytree(good, tmp_path / "outputs" / good.name,
-                    ignore=shutil.ignore_patterns("export"))
+    shutil.copytree(good, tmp_path / "outputs" / good.name, ignore=shutil.ignore_patterns("export"))
     result = cli(["predict", *GOOD, "--test-index", "0"], tmp_path, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"error: run outputs/{good.name} has no export in outputs/{good.name}/export/mnist. "
-        f"Export it with: python -m pipeline export {' '.join(GOOD)}")
+        f"Export it with: python -m pipeline export {' '.join(GOOD)}"
+    )
 
 
 def test_help_documents_the_inputs(tmp_path: Path) -> None:

@@ -17,10 +17,14 @@ from PIL import Image
 
 from pipeline import checkpoint, durable, report, visuals
 
-IMG = re.compile(r'<img data-figure="([^"]+)" alt="[^"]*" width="(\d+)" '
-                 r'src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
-FILE_ROW = re.compile(r'<td class="path"><code>([^<]+)</code></td>.*?'
-                      r'<td class="sha"><code>([0-9a-f]{64})</code></td>')
+IMG = re.compile(
+    r'<img data-figure="([^"]+)" alt="[^"]*" width="(\d+)" '
+    r'src="data:image/png;base64,([A-Za-z0-9+/=]+)">'
+)
+FILE_ROW = re.compile(
+    r'<td class="path"><code>([^<]+)</code></td>.*?'
+    r'<td class="sha"><code>([0-9a-f]{64})</code></td>'
+)
 CONFIG_ROW = re.compile(r'<code title="([^"]+)">[^<]+</code></td><td>([^<]+)')
 
 
@@ -28,8 +32,9 @@ CONFIG_ROW = re.compile(r'<code title="([^"]+)">[^<]+</code></td><td>([^<]+)')
 
 
 def test_confusion_matrix_counts_true_by_predicted() -> None:
-    counts = visuals.confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]),
-                                      classes=3)
+    counts = visuals.confusion_matrix(
+        np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), classes=3
+    )
     assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
     with pytest.raises(ValueError):
         visuals.confusion_matrix(np.array([0, 1]), np.array([0]))
@@ -38,19 +43,30 @@ def test_confusion_matrix_counts_true_by_predicted() -> None:
 def test_per_class_metrics_and_undefined_ratios() -> None:
     counts = np.array([[3, 1, 0], [0, 0, 0], [1, 0, 0]])
     rows = visuals.per_class_metrics(counts)
-    assert rows[0] == {"class": 0, "support": 4, "predicted": 4, "correct": 3,
-                       "precision": 0.75, "recall": 0.75, "f1": 0.75}
-    assert rows[1]["recall"] is None and rows[1]["precision"] == 0.0   # no true 1s
+    assert rows[0] == {
+        "class": 0,
+        "support": 4,
+        "predicted": 4,
+        "correct": 3,
+        "precision": 0.75,
+        "recall": 0.75,
+        "f1": 0.75,
+    }
+    assert rows[1]["recall"] is None and rows[1]["precision"] == 0.0  # no true 1s
     assert rows[1]["f1"] is None
-    assert rows[2]["precision"] is None and rows[2]["recall"] == 0.0   # never predicted
+    assert rows[2]["precision"] is None and rows[2]["recall"] == 0.0  # never predicted
 
 
 def test_worst_mistakes_most_confident_wrong_first() -> None:
     labels = np.array([0, 1, 2, 3])
-    probs = np.array([[0.9, 0.1, 0, 0],     # right
-                      [0.7, 0.3, 0, 0],     # wrong, 0.7
-                      [0.05, 0, 0, 0.95],   # wrong, 0.95
-                      [0, 0, 0.7, 0.3]])    # wrong, 0.7 (tie: lower index first)
+    probs = np.array(
+        [
+            [0.9, 0.1, 0, 0],  # right
+            [0.7, 0.3, 0, 0],  # wrong, 0.7
+            [0.05, 0, 0, 0.95],  # wrong, 0.95
+            [0, 0, 0.7, 0.3],
+        ]
+    )  # wrong, 0.7 (tie: lower index first)
     assert visuals.worst_mistakes(labels, probs, k=16).tolist() == [2, 1, 3]
     assert visuals.worst_mistakes(labels, probs, k=1).tolist() == [2]
     assert visuals.worst_mistakes(labels[:1], probs[:1]).tolist() == []
@@ -73,12 +89,24 @@ def decode(png: bytes) -> Image.Image:
 
 def test_figures_are_valid_pngs_of_the_stated_size() -> None:
     rng = np.random.default_rng(0)
-    history = [{"epoch": e, "step": 10 * e, "loss": 1 / e, "accuracy": 1 - 0.5 / e,
-                "val_loss": 1.1 / e, "val_accuracy": 1 - 0.6 / e} for e in (1, 2, 3)]
+    history = [
+        {
+            "epoch": e,
+            "step": 10 * e,
+            "loss": 1 / e,
+            "accuracy": 1 - 0.5 / e,
+            "val_loss": 1.1 / e,
+            "val_accuracy": 1 - 0.6 / e,
+        }
+        for e in (1, 2, 3)
+    ]
     figures = [
         visuals.confusion_matrix_png(rng.integers(0, 50, (10, 10))),
-        visuals.mistakes_grid_png(rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
-                                  [1, 2, 3, 4, 5], rng.dirichlet(np.ones(10), 5)),
+        visuals.mistakes_grid_png(
+            rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+            [1, 2, 3, 4, 5],
+            rng.dirichlet(np.ones(10), 5),
+        ),
         visuals.mistakes_grid_png(np.zeros((0, 28, 28), np.uint8), [], np.zeros((0, 10))),
         visuals.learning_curves_png(history, {"train/loss": [(2, 2.0), (4, 1.5)]}, [14]),
         visuals.learning_curves_png([]),
@@ -88,7 +116,7 @@ def test_figures_are_valid_pngs_of_the_stated_size() -> None:
         assert image.format == "PNG" and image.mode == "RGB"
         assert image.size == visuals.png_size(png)
         assert min(image.size) >= 200
-        assert len(np.unique(np.asarray(image))) > 2   # something was drawn
+        assert len(np.unique(np.asarray(image))) > 2  # something was drawn
     with pytest.raises(ValueError):
         visuals.png_size(b"GIF89a" + bytes(30))
 
@@ -147,7 +175,7 @@ def test_report_sections_and_self_contained(run_copy: Path) -> None:
         assert f"<h2>{title}</h2>" in section(text, key)
     assert text.startswith("<!doctype html>") and text.rstrip().endswith("</html>")
     assert "<style>" in text
-    for external in ("http://", "https://", "<script", "<link", "src=\"file:", "url("):
+    for external in ("http://", "https://", "<script", "<link", 'src="file:', "url("):
         assert external not in text, external
     figures = {m.group(1): m for m in IMG.finditer(text)}
     assert sorted(figures) == ["confusion_matrix", "learning_curves", "worst_mistakes"]
@@ -181,25 +209,32 @@ def test_report_evaluation_numbers(run_copy: Path) -> None:
     match = re.search(r'<table class="per-class">(.*?)</table>', evaluation, re.S)
     assert match
     table = match.group(1)
-    rows = re.findall(r"<tr><td class=\"num\">(\d)</td><td class=\"num\">(\d+)</td>"
-                      r"<td class=\"num\">(\d+)</td><td class=\"num\">(\d+)</td>", table)
+    rows = re.findall(
+        r"<tr><td class=\"num\">(\d)</td><td class=\"num\">(\d+)</td>"
+        r"<td class=\"num\">(\d+)</td><td class=\"num\">(\d+)</td>",
+        table,
+    )
     assert [int(r[0]) for r in rows] == list(range(10))
-    assert sum(int(r[1]) for r in rows) == metrics["test_images"]       # true counts
-    assert sum(int(r[2]) for r in rows) == metrics["test_images"]       # predicted counts
+    assert sum(int(r[1]) for r in rows) == metrics["test_images"]  # true counts
+    assert sum(int(r[2]) for r in rows) == metrics["test_images"]  # predicted counts
     correct = sum(int(r[3]) for r in rows)
     assert correct / metrics["test_images"] == pytest.approx(metrics["test_accuracy"])
     history = section(text, "curves")
-    assert len(re.findall(r"<tr><td class=\"num\">\d+</td>", history)) == 3   # 3 epochs
+    assert len(re.findall(r"<tr><td class=\"num\">\d+</td>", history)) == 3  # 3 epochs
 
 
 def test_report_checksums_match_the_files(run_copy: Path) -> None:
     text = section(written(run_copy), "inventory")
     listed = dict(FILE_ROW.findall(text))
     expected = {}
-    committed = [run_copy / "data", *(checkpoint.path_for(run_copy / "checkpoints", s)
-                                      for s in checkpoint.committed_steps(
-                                          run_copy / "checkpoints")),
-                 *(p for p in (run_copy / "export" / "mnist").iterdir() if p.name.isdigit())]
+    committed = [
+        run_copy / "data",
+        *(
+            checkpoint.path_for(run_copy / "checkpoints", s)
+            for s in checkpoint.committed_steps(run_copy / "checkpoints")
+        ),
+        *(p for p in (run_copy / "export" / "mnist").iterdir() if p.name.isdigit()),
+    ]
     assert len(committed) >= 3
     for directory in committed:
         for path in directory.rglob("*"):
@@ -218,14 +253,18 @@ def test_report_flags_a_damaged_checkpoint(run_copy: Path) -> None:
     state.write_bytes(bytes(data))
     text = section(written(run_copy), "inventory")
     assert text.count("FAILED verification") == 1
-    assert re.search(rf"step-{steps[0]:09d}</code> <span class=\"bad\">FAILED verification: "
-                     r"[^<]*sha256 mismatch", text)
+    assert re.search(
+        rf"step-{steps[0]:09d}</code> <span class=\"bad\">FAILED verification: "
+        r"[^<]*sha256 mismatch",
+        text,
+    )
 
 
 def test_report_shows_resumes(run_copy: Path) -> None:
     """A resume recorded in the newest checkpoint's loop state shows up as a table row."""
-    latest = checkpoint.path_for(run_copy / "checkpoints",
-                                 checkpoint.committed_steps(run_copy / "checkpoints")[-1])
+    latest = checkpoint.path_for(
+        run_copy / "checkpoints", checkpoint.committed_steps(run_copy / "checkpoints")[-1]
+    )
     manifest = durable.read_record(latest / durable.MANIFEST)
     manifest["meta"]["loop"]["resumes"] = [{"step": 12, "epoch": 1, "time": 1_700_000_000.0}]
     durable.write_record(latest / durable.MANIFEST, manifest)
@@ -233,8 +272,9 @@ def test_report_shows_resumes(run_copy: Path) -> None:
     text = written(run_copy)
     resumes = section(text, "resumes")
     assert "Resumed 1 time;" in resumes
-    assert re.search(r'<td class="num">1</td><td class="num">12</td><td class="num">2</td>',
-                     resumes)
+    assert re.search(
+        r'<td class="num">1</td><td class="num">12</td><td class="num">2</td>', resumes
+    )
     assert "<b>1</b><span>resumes</span>" in section(text, "summary")
 
 
@@ -256,7 +296,7 @@ def test_report_timings_list_every_stage(run_copy: Path) -> None:
         assert re.search(rf"<tr><td>{stage}</td><td class=\"nowrap\">\d{{4}}-\d\d-\d\d ", text)
     fit = durable.read_record(run_copy / "stages" / "fit.json")
     assert f"{fit['seconds_this_session']:.1f} s" in text
-    assert "steps/s" in text   # the training session's throughput, from the event file
+    assert "steps/s" in text  # the training session's throughput, from the event file
 
 
 # ---------------------------------------------------------------- the command
@@ -267,17 +307,21 @@ def test_main_writes_the_report(run_copy: Path, capsys: pytest.CaptureFixture) -
     assert report.main([f"run.name={run_copy.name}", f"run.outputs={outputs}"]) == 0
     assert capsys.readouterr().out.strip() == f"Report: {run_copy / 'report.html'}"
     (run_copy / "report.html").unlink()
-    assert report.main([f"run.outputs={outputs}"]) == 0          # every run under outputs
+    assert report.main([f"run.outputs={outputs}"]) == 0  # every run under outputs
     assert (run_copy / "report.html").is_file()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run.name=nope"], "error: no run at {outputs}/nope"),
-    (["--json"], "error: report takes run.name=NAME and run.outputs=DIR, not --json"),
-    (["fit.epochs=3"], "error: report takes run.name=NAME and run.outputs=DIR, not fit.epochs"),
-])
-def test_main_refuses_clearly(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
-                              message: str) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run.name=nope"], "error: no run at {outputs}/nope"),
+        (["--json"], "error: report takes run.name=NAME and run.outputs=DIR, not --json"),
+        (["fit.epochs=3"], "error: report takes run.name=NAME and run.outputs=DIR, not fit.epochs"),
+    ],
+)
+def test_main_refuses_clearly(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
     outputs = tmp_path / "outputs"
     assert report.main([*args, f"run.outputs={outputs}"]) == 2
     captured = capsys.readouterr()

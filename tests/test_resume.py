@@ -49,7 +49,8 @@ def test_rerun_skips_finished_stages(tmp_path: Path, reference_run: tuple[Path, 
 
 
 def test_kills_inside_checkpoint_writes_resume_bit_identical(
-        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
     # Killed right after a checkpoint commit, then inside the next session's third write
     # (before its rename), then with a plain SIGKILL at an arbitrary moment of fitting.
     for failpoint in ("dir_after_rename@4", "dir_before_rename@3", "dir_before_manifest@2"):
@@ -74,7 +75,8 @@ def test_kills_inside_checkpoint_writes_resume_bit_identical(
 
 
 def test_kill_mid_export_publishes_no_partial_version(
-        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
     result = cli(["train", *SMALL], tmp_path, env={"PIPELINE_FAILPOINT": "export_before_publish"})
     assert result.returncode == -signal.SIGKILL
     run_dir = only_run_dir(tmp_path / "outputs")
@@ -93,7 +95,8 @@ def test_kill_mid_export_publishes_no_partial_version(
 
 
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(
-        tmp_path: Path, reference_run: tuple[Path, str]) -> None:
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
     # No periodic checkpoints: the one written on SIGINT is what the resume starts from.
     args = [*SMALL, "checkpoint.every_steps=0"]
     proc = start(["train", *args], tmp_path)
@@ -139,15 +142,13 @@ def test_incompatible_change_is_refused_and_restart_starts_over(tmp_path: Path) 
     result = cli(["train", *base, "fit.epochs=2"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Fit: resuming from step-000000010" in result.stdout
-    assert json.loads((tmp_path / "outputs/mine/metrics.json").read_text())[
-        "checkpoint_step"] == 20
+    assert json.loads((tmp_path / "outputs/mine/metrics.json").read_text())["checkpoint_step"] == 20
     result = cli(["train", *base, "model.dropout=0.5", "run.restart=true"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Fit: resuming" not in result.stdout
 
 
-def test_evaluate_best_on_an_existing_run(tmp_path: Path,
-                                         reference_run: tuple[Path, str]) -> None:
+def test_evaluate_best_on_an_existing_run(tmp_path: Path, reference_run: tuple[Path, str]) -> None:
     run_dir = tmp_path / "outputs" / reference_run[0].name
     shutil.copytree(reference_run[0], run_dir)  # the shared reference run stays as it is
     result = cli(["evaluate", *SMALL, "evaluate.checkpoint=best"], tmp_path)
@@ -158,8 +159,7 @@ def test_evaluate_best_on_an_existing_run(tmp_path: Path,
 
 
 @pytest.mark.parametrize("lr", ["1e30"])
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
-                                                                  lr: str) -> None:
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, lr: str) -> None:
     result = cli(["train", *SMALL, "model=mlp", f"optimizer.learning_rate={lr}"], tmp_path)
     assert result.returncode == 1
     assert "The training loss became NaN or infinite at step " in result.stderr
@@ -177,5 +177,7 @@ def test_augmented_mlp_resumes_bit_identical(tmp_path: Path) -> None:
     result = cli(["train", *args], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Fit: resuming from step-000000010" in result.stdout
-    assert_same_state(final_state(only_run_dir(reference_dir / "outputs")),
-                      final_state(only_run_dir(tmp_path / "outputs")))
+    assert_same_state(
+        final_state(only_run_dir(reference_dir / "outputs")),
+        final_state(only_run_dir(tmp_path / "outputs")),
+    )

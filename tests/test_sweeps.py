@@ -17,21 +17,36 @@ from conftest import cli
 from pipeline.status import by_monitored_metric
 
 # 240 training images, 5 steps an epoch: a sweep job is a few seconds after TensorFlow starts.
-TINY = ["data=sample", "data.train_size=300", "data.val_fraction=0.2", "data.test_size=100",
-        "fit.batch_size=50", "fit.epochs=2", "checkpoint.every_steps=2", "fit.log_every_steps=2",
-        "export.tflite=false", "export.h5=false"]
+TINY = [
+    "data=sample",
+    "data.train_size=300",
+    "data.val_fraction=0.2",
+    "data.test_size=100",
+    "fit.batch_size=50",
+    "fit.epochs=2",
+    "checkpoint.every_steps=2",
+    "fit.log_every_steps=2",
+    "export.tflite=false",
+    "export.h5=false",
+]
 
 
 def start_group(args: list[str], cwd: Path) -> subprocess.Popen:
     """The CLI in its own process group, so a kill takes the launcher's workers with it."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
-def kill_after_first_checkpoint(proc: subprocess.Popen, outputs: Path,
-                                timeout: float = 240) -> None:
+def kill_after_first_checkpoint(
+    proc: subprocess.Popen, outputs: Path, timeout: float = 240
+) -> None:
     deadline = time.monotonic() + timeout
     while not list(outputs.glob("*/checkpoints/step-*")):
         assert proc.poll() is None, "the sweep ended before it could be killed"
@@ -51,15 +66,21 @@ def logs(outputs: Path) -> dict[str, str]:
 
 
 def test_status_lists_the_best_run_first() -> None:
-    rows = [{"name": "b", "best_val_accuracy": 0.5}, {"name": "c", "best_val_accuracy": None},
-            {"name": "a", "best_val_accuracy": 0.9}, {"name": "d", "best_val_accuracy": 0.5}]
+    rows = [
+        {"name": "b", "best_val_accuracy": 0.5},
+        {"name": "c", "best_val_accuracy": None},
+        {"name": "a", "best_val_accuracy": 0.9},
+        {"name": "d", "best_val_accuracy": 0.5},
+    ]
     assert [r["name"] for r in by_monitored_metric(rows)] == ["a", "b", "d", "c"]
 
 
 def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     # The first job diverges (exit code 1 on its own); the second still runs to the end.
-    result = cli(["train", "-m", "model=mlp", "optimizer.learning_rate=1e30,1e-3", *TINY,
-                  "fit.epochs=1"], tmp_path)
+    result = cli(
+        ["train", "-m", "model=mlp", "optimizer.learning_rate=1e30,1e-3", *TINY, "fit.epochs=1"],
+        tmp_path,
+    )
     assert result.returncode == 1
     assert "The training loss became NaN or infinite" in result.stderr
     states = sorted(row["state"] for row in runs(tmp_path).values())
@@ -68,15 +89,25 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_joblib_2x2_sweep_resumes_after_a_kill_and_skips_finished_runs(tmp_path: Path) -> None:
-    sweep = ["train", "-m", "model=mlp,cnn", "seed=1,2", "hydra/launcher=joblib",
-             "hydra.launcher.n_jobs=2", *TINY]
+    sweep = [
+        "train",
+        "-m",
+        "model=mlp,cnn",
+        "seed=1,2",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *TINY,
+    ]
     kill_after_first_checkpoint(start_group(sweep, tmp_path), tmp_path / "outputs")
     result = cli(sweep, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     found = runs(tmp_path)
     assert sorted(found) == sorted(
         f"data.test_size=100,data.train_size=300,data.val_fraction=0.2,data=sample,"
-        f"fit.batch_size=50,model={m},seed={s}" for m in ("mlp", "cnn") for s in (1, 2))
+        f"fit.batch_size=50,model={m},seed={s}"
+        for m in ("mlp", "cnn")
+        for s in (1, 2)
+    )
     assert all(row["state"] == "done" and row["step"] == 10 for row in found.values())
     assert any("Fit: resuming from step-" in text for text in logs(tmp_path / "outputs").values())
     # The same command once more: every run is finished, so every job only skips.
@@ -90,8 +121,15 @@ def test_joblib_2x2_sweep_resumes_after_a_kill_and_skips_finished_runs(tmp_path:
 
 @pytest.mark.slow
 def test_submitit_local_sweep_resumes_after_a_kill(tmp_path: Path) -> None:
-    sweep = ["train", "-m", "model=mlp", "seed=1,2", "hydra/launcher=submitit_local",
-             "hydra.launcher.timeout_min=10", *TINY]
+    sweep = [
+        "train",
+        "-m",
+        "model=mlp",
+        "seed=1,2",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        *TINY,
+    ]
     kill_after_first_checkpoint(start_group(sweep, tmp_path), tmp_path / "outputs")
     result = cli(sweep, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -105,11 +143,26 @@ def test_submitit_local_sweep_resumes_after_a_kill(tmp_path: Path) -> None:
 def test_submitit_signal_saves_a_checkpoint_and_requeues(tmp_path: Path) -> None:
     # What Slurm does before the time limit (submitit's signal, USR2 unless
     # SUBMITIT_PREEMPT_SIGNAL says otherwise): the job saves a checkpoint, is requeued, resumes.
-    sweep = ["train", "-m", "model=mlp", "seed=3", "hydra/launcher=submitit_local",
-             "hydra.launcher.timeout_min=10", *TINY, "fit.epochs=3", "checkpoint.every_steps=0"]
+    sweep = [
+        "train",
+        "-m",
+        "model=mlp",
+        "seed=3",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        *TINY,
+        "fit.epochs=3",
+        "checkpoint.every_steps=0",
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *sweep], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *sweep],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     outputs = tmp_path / "outputs"
     deadline = time.monotonic() + 240
     while not list(outputs.glob("*/checkpoints/step-*")):  # end of epoch 1: fit is running

@@ -29,8 +29,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def accumulator(logdir: Path) -> ea.EventAccumulator:
-    acc = ea.EventAccumulator(str(logdir), size_guidance={ea.IMAGES: 0, ea.TENSORS: 0,
-                                                          ea.SCALARS: 0})
+    acc = ea.EventAccumulator(
+        str(logdir), size_guidance={ea.IMAGES: 0, ea.TENSORS: 0, ea.SCALARS: 0}
+    )
     acc.Reload()
     return acc
 
@@ -55,8 +56,11 @@ def copy_run(run_dir: Path, outputs: Path, name: str | None = None) -> Path:
 
 
 def raw(logdir: Path) -> list[Event]:
-    return [Event.FromString(r) for path in tblog.event_files(logdir)
-            for r in RawEventFileLoader(str(path)).Load()]
+    return [
+        Event.FromString(r)
+        for path in tblog.event_files(logdir)
+        for r in RawEventFileLoader(str(path)).Load()
+    ]
 
 
 def tagged(events: list[Event], tag: str) -> list[Event]:
@@ -109,10 +113,12 @@ def test_hparams_session_carries_the_config(reference: tuple) -> None:
     assert values["model.batch_norm"] is config["model"]["batch_norm"]
     assert values["optimizer.learning_rate"] == pytest.approx(config["optimizer"]["learning_rate"])
     assert values["evaluate.checkpoint"] == "latest"
-    assert not any(k.startswith(("run.", "checkpoint.", "export.")) or k == "data.path"
-                   for k in values)
+    assert not any(
+        k.startswith(("run.", "checkpoint.", "export.")) or k == "data.path" for k in values
+    )
     end = hp_metadata.parse_session_end_info_plugin_data(
-        acc.PluginTagToContent("hparams")[hp_metadata.SESSION_END_INFO_TAG])
+        acc.PluginTagToContent("hparams")[hp_metadata.SESSION_END_INFO_TAG]
+    )
     assert end.status == api_pb2.STATUS_SUCCESS
 
 
@@ -123,8 +129,9 @@ def test_model_graph(reference: tuple) -> None:
     assert {"Conv2D", "MatMul", "Placeholder"} <= ops, ops
 
 
-def test_hparams_plugin_lists_a_sweep_in_one_table(reference_run: tuple[Path, str],
-                                                   tmp_path: Path) -> None:
+def test_hparams_plugin_lists_a_sweep_in_one_table(
+    reference_run: tuple[Path, str], tmp_path: Path
+) -> None:
     """The HParams plugin's own backend, over an outputs/ directory of two runs."""
     from tensorboard import context
     from tensorboard.backend.event_processing import data_provider
@@ -146,17 +153,22 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(reference_run: tuple[Path, st
     mux = pem.EventMultiplexer()
     mux.AddRunsFromDirectory(str(outputs))
     mux.Reload()
-    ctx = backend_context.Context(base_plugin.TBContext(
-        data_provider=data_provider.MultiplexerDataProvider(mux, str(outputs)),
-        logdir=str(outputs)))
-    experiment = get_experiment.Handler(context.RequestContext(), ctx, "",
-                                        api_pb2.GetExperimentRequest()).run()
+    ctx = backend_context.Context(
+        base_plugin.TBContext(
+            data_provider=data_provider.MultiplexerDataProvider(mux, str(outputs)),
+            logdir=str(outputs),
+        )
+    )
+    experiment = get_experiment.Handler(
+        context.RequestContext(), ctx, "", api_pb2.GetExperimentRequest()
+    ).run()
     infos = {h.name: h for h in experiment.hparam_infos}
     assert infos["fit.batch_size"].differs and not infos["model.name"].differs
     metrics = {m.name.tag for m in experiment.metric_infos}
     assert {report.TAG_ACCURACY, report.TAG_LOSS} <= metrics
     request = api_pb2.ListSessionGroupsRequest(
-        start_index=0, slice_size=10, allowed_statuses=[api_pb2.STATUS_SUCCESS])
+        start_index=0, slice_size=10, allowed_statuses=[api_pb2.STATUS_SUCCESS]
+    )
     groups = list_session_groups.Handler(context.RequestContext(), ctx, "", request).run()
     expected = json.loads((reference_run[0] / "metrics.json").read_text())["test_accuracy"]
     table = {}
@@ -164,15 +176,18 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(reference_run: tuple[Path, st
         accuracy = [m.value for m in group.metric_values if m.name.tag == report.TAG_ACCURACY]
         table[group.name] = (group.hparams["fit.batch_size"].number_value, accuracy)
     # Evaluate named the session group after the run (the copy "first" keeps that name).
-    assert table == {reference_run[0].name: (50, [pytest.approx(expected)]),
-                     "second": (100, [pytest.approx(expected)])}
+    assert table == {
+        reference_run[0].name: (50, [pytest.approx(expected)]),
+        "second": (100, [pytest.approx(expected)]),
+    }
 
 
 # ---------------------------------------------------------------- evaluating again
 
 
-def test_evaluating_again_replaces_instead_of_duplicating(reference_run: tuple[Path, str],
-                                                          tmp_path: Path) -> None:
+def test_evaluating_again_replaces_instead_of_duplicating(
+    reference_run: tuple[Path, str], tmp_path: Path
+) -> None:
     run_dir = copy_run(reference_run[0], tmp_path / "outputs")
     before = raw(run_dir / "tensorboard")
     latest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
@@ -193,8 +208,9 @@ def test_evaluating_again_replaces_instead_of_duplicating(reference_run: tuple[P
         assert len(tagged(after, tag)) == 1, tag
     assert sum(bool(e.graph_def) for e in after) == 1
     # Training events are untouched.
-    assert [e.step for e in tagged(after, "train/loss")] == \
-        [e.step for e in tagged(before, "train/loss")]
+    assert [e.step for e in tagged(after, "train/loss")] == [
+        e.step for e in tagged(before, "train/loss")
+    ]
     acc = accumulator(run_dir / "tensorboard")
     assert hparams_dict(start_info(acc))["evaluate.checkpoint"] == "best"
     assert step in [i.step for i in acc.Images(report.TAG_CONFUSION)]
@@ -214,8 +230,9 @@ def test_eventlog_image_hparams_graph_roundtrip(tmp_path: Path) -> None:
     png = visuals.confusion_matrix_png(np.diag([5] * 10))
     log = tblog.EventLog(tmp_path)
     log.image("evaluate/confusion_matrix", png, 7, *visuals.png_size(png))
-    log.hparams({"lr": 0.5, "name": "cnn", "bn": True, "units": 3}, group_name="g",
-                start_time=123.0)
+    log.hparams(
+        {"lr": 0.5, "name": "cnn", "bn": True, "units": 3}, group_name="g", start_time=123.0
+    )
     graph = GraphDef(node=[NodeDef(name="x", op="Const")]).SerializeToString()
     log.graph(graph, 7)
     log.close()
@@ -235,8 +252,10 @@ def test_drop_events_keeps_everything_else(tmp_path: Path) -> None:
         log.scalar("train/loss", step / 10, step)
         log.scalar("evaluate/test_accuracy", step / 100, step)
     log.close()
-    dropped = tblog.drop_events(tmp_path, lambda e: e.step == 2 and any(
-        v.tag == "evaluate/test_accuracy" for v in e.summary.value))
+    dropped = tblog.drop_events(
+        tmp_path,
+        lambda e: e.step == 2 and any(v.tag == "evaluate/test_accuracy" for v in e.summary.value),
+    )
     assert dropped == 1
     acc = accumulator(tmp_path)
     assert [e.step for e in acc.Scalars("evaluate/test_accuracy")] == [1, 3]
@@ -245,8 +264,9 @@ def test_drop_events_keeps_everything_else(tmp_path: Path) -> None:
     assert len(list(tmp_path.iterdir())) == 1  # rewritten in place, no temp left
 
 
-def test_report_reads_event_files_like_tensorboard(reference_run: tuple[Path, str],
-                                                   tmp_path: Path) -> None:
+def test_report_reads_event_files_like_tensorboard(
+    reference_run: tuple[Path, str], tmp_path: Path
+) -> None:
     """The report's TensorFlow-free reader sees what TensorBoard's loader sees, and stops
     cleanly at a torn last record."""
     for path in tblog.event_files(reference_run[0] / "tensorboard"):
