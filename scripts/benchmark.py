@@ -14,15 +14,16 @@ and whether the median meets it. Raw measurements go to --out (JSON).
                     keeps every checkpoint; each epoch-end one is scored offline afterwards, and
                     the epoch's `train_seconds` comes from the newest checkpoint's loop history.
  2 final accuracy   test accuracy (metrics.json) of the default `python -m pipeline train`.
- 3 checkpoint cost  train_seconds, default checkpoint interval / checkpoint.every_steps=0.
+ 3 checkpoint cost  blocks of checkpoint.every_steps steps ending in one durable checkpoint /
+                    the same blocks without it, alternated in one process.
  4 resume latency   launch -> first training step (pipeline.log), resumed run / fresh run.
  5 config error     `train fit.epochs=abc` (exit 2) / `python -c "import tensorflow"`, wall.
  6 overhead         `fit experiment=keras_convnet` / reference_convnet.py, whole-process wall.
  7 input pipeline   Trainer.train_step steps/s on shuffled indices / on one constant batch.
  8 peak memory      max RSS of `pipeline train` / of reference_convnet.py.
 
-Figures 1, 2, 3 and 8 share their runs: each pair is a default pipeline train, a reference run
-and a default train without step checkpoints. Without --data, both sides use their normal
+Figures 1, 2 and 8 share their runs: each pair is a default pipeline train and a reference run;
+figures 3 and 7 share one in-process worker. Without --data, both sides use their normal
 sources (the pipeline's: Keras' cache or download; the reference: keras.datasets.mnist).
 """
 
@@ -77,7 +78,7 @@ class BenchmarkError(Exception):
 class Settings:
     """How much each figure measures. --quick and the full mode differ only here."""
 
-    training_pairs: int  # figures 1, 2, 3, 8
+    training_pairs: int  # figures 1, 2, 8
     train_epochs: int | None  # the pipeline's train runs; None: the config's default (5)
     reference_epochs: int
     resume_pairs: int  # figure 4
@@ -251,7 +252,7 @@ def brief(values: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in values.items())
 
 
-# ---------------------------------------------------------------- figures 1, 2, 3, 8: training
+# ---------------------------------------------------------------- figures 1, 2, 8: training
 
 
 def pipeline_train_side(
@@ -331,9 +332,6 @@ def measure_training(data: DataChoice, settings: Settings, work: Path) -> list[d
     sides = {
         "pipeline": pipeline_train_side(data, settings, [], score_epochs=True),
         "reference": reference_side(data, settings.reference_epochs),
-        "pipeline_no_step_checkpoints": pipeline_train_side(
-            data, settings, ["checkpoint.every_steps=0"], score_epochs=False
-        ),
     }
     return run_pairs("training", sides, settings.training_pairs, work)
 
@@ -395,47 +393,24 @@ def figure_final_accuracy(
     )
 
 
-def figure_checkpoint_overhead(pairs: list[dict[str, Any]]) -> Figure:
-    ratios = [
-        p["pipeline"]["train_seconds"] / p["pipeline_no_step_checkpoints"]["train_seconds"]
-        for p in pairs
-    ]
-    first = pairs[0]["pipeline"]
-    notes = [
-        f"train_seconds of the last epoch row; the default interval wrote "
-        f"{len(first['step_checkpoints'])} step checkpoint(s) in "
-        f"{first['history'][-1]['step']} steps (epoch-end checkpoints on both sides)"
-    ]
-    for index, pair in enumerate(pairs):
-        control = same_work_ratio(pair["pipeline"], pair["pipeline_no_step_checkpoints"])
-        if control is not None:
-            notes.append(
-                f"pair {index + 1}: control {control:.3f} (the same ratio over the "
-                "epochs without a step checkpoint, where both sides do the same work: "
-                "the noise level)"
-            )
+def figure_checkpoint_overhead(raw: dict[str, Any]) -> Figure:
+    rounds = raw["checkpoint_rounds"]
+    ratios = [r["with_checkpoint_seconds"] / r["without_seconds"] for r in rounds]
+    save = statistics.median(r["save_seconds"] for r in rounds)
     return Figure(
         3,
-        "checkpoint overhead (default / every_steps=0)",
+        "checkpoint overhead (default interval / none)",
         ratios,
-        len(pairs),
+        len(rounds),
         "<=",
         1.02,
-        notes=notes,
+        notes=[
+            f"blocks of checkpoint.every_steps={raw['every_steps']} steps, with and without one "
+            f"durable checkpoint (save, fsync, manifest, retention) at the end, A B B A per "
+            f"round, in one process; one checkpoint of {raw['state_mb']:.2f} MB took "
+            f"{1000 * save:.1f} ms (median)"
+        ],
     )
-
-
-def same_work_ratio(default: dict[str, Any], without: dict[str, Any]) -> float | None:
-    """Time ratio over the epochs in which the default side wrote no step checkpoint."""
-    mine = theirs = 0.0
-    previous_step, previous = 0, (0.0, 0.0)
-    for row, other in zip(default["history"], without["history"], strict=True):
-        now = (row["train_seconds"], other["train_seconds"])
-        if not any(previous_step < step <= row["step"] for step in default["step_checkpoints"]):
-            mine += now[0] - previous[0]
-            theirs += now[1] - previous[1]
-        previous_step, previous = row["step"], now
-    return mine / theirs if theirs else None
 
 
 def figure_peak_memory(pairs: list[dict[str, Any]]) -> Figure:
@@ -752,7 +727,65 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
         results.append(
             {f"{kind}_steps_per_second": 2 * block_steps / s for kind, s in seconds.items()}
         )
-    print(json.dumps({"block_steps": block_steps, "rounds": results}), flush=True)
+    print(
+        json.dumps(
+            {
+                "block_steps": block_steps,
+                "rounds": results,
+                **checkpoint_blocks(
+                    trainer, sources["shuffled"], cfg.checkpoint.every_steps, rounds
+                ),
+            }
+        ),
+        flush=True,
+    )
+
+
+def checkpoint_blocks(
+    trainer: Any, batches: Iterator[Any], every_steps: int, rounds: int
+) -> dict[str, Any]:
+    """Figure 3: blocks of `every_steps` training steps, with and without one durable
+    checkpoint at the end (A B B A per round), in this process."""
+    import time as clock
+
+    from pipeline import checkpoint
+
+    every_steps = every_steps or 500
+    root = Path(tempfile.mkdtemp(prefix="checkpoints-", dir=Path.cwd()))
+    saved = 0
+
+    def block(with_checkpoint: bool) -> tuple[float, float]:
+        nonlocal saved
+        start = clock.perf_counter()
+        for _ in range(every_steps):
+            trainer.train_step(next(batches))
+        trainer.seen.numpy()  # the last step has finished
+        save_start = clock.perf_counter()
+        if with_checkpoint:
+            saved += 1
+            checkpoint.save(root, saved, trainer.state_arrays(), {"loop": {}})
+            checkpoint.retain(root, 3, None)
+        end = clock.perf_counter()
+        return end - start, end - save_start
+
+    results = []
+    for _ in range(rounds):
+        seconds = {True: 0.0, False: 0.0}
+        saves = []
+        for with_checkpoint in (True, False, False, True):
+            total, save = block(with_checkpoint)
+            seconds[with_checkpoint] += total
+            saves += [save] if with_checkpoint else []
+        results.append(
+            {
+                "with_checkpoint_seconds": seconds[True],
+                "without_seconds": seconds[False],
+                "save_seconds": statistics.median(saves),
+            }
+        )
+    shutil.rmtree(root, ignore_errors=True)
+    state_mb = sum(a.nbytes for a in trainer.state_arrays().values()) / 1e6
+    return {"every_steps": every_steps, "state_mb": state_mb, "checkpoint_rounds": results}
 
 
 # ---------------------------------------------------------------- the table
@@ -824,11 +857,11 @@ def table(figures: list[Figure]) -> str:
 
 
 GROUPS = {  # measurement group -> the figures made from it
-    "training": (1, 2, 3, 8),
+    "training": (1, 2, 8),
     "resume": (4,),
     "config_error": (5,),
     "overhead": (6,),
-    "input_pipeline": (7,),
+    "input_pipeline": (3, 7),  # in-process: both time blocks of training steps
 }
 TITLES = {
     1: "time-to-99%",
@@ -851,7 +884,6 @@ def measure_group(
         return pairs, [
             figure_time_to_99(pairs),
             figure_final_accuracy(pairs, settings, data),
-            figure_checkpoint_overhead(pairs),
             figure_peak_memory(pairs),
         ]
     if group == "resume":
@@ -864,7 +896,7 @@ def measure_group(
         pairs = run_pairs("overhead", overhead_sides(data, settings), settings.overhead_pairs, work)
         return pairs, [figure_overhead(pairs, settings, data)]
     raw = measure_input_pipeline(data, settings, work)
-    return raw, [figure_input_pipeline(raw)]
+    return raw, [figure_checkpoint_overhead(raw), figure_input_pipeline(raw)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -888,7 +920,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--figures",
         default=",".join(map(str, ALL_FIGURES)),
-        help="comma-separated figure numbers (1, 2, 3, 8 share their runs)",
+        help="comma-separated figure numbers (1, 2, 8 share their runs; so do 3, 7)",
     )
     parser.add_argument("--train-size", type=int, help="first N training images (both sides)")
     parser.add_argument("--test-size", type=int, help="first N test images (both sides)")

@@ -93,16 +93,19 @@ def test_table_shows_median_range_pairs_goal() -> None:
     assert lines[2].split()[-5:] == ["0.100-0.300", "3", "<=", "0.300", "yes"]
 
 
-def test_checkpoint_control_uses_epochs_without_step_checkpoints() -> None:
-    default = {
-        "step_checkpoints": [500],
-        "history": [{"step": 422, "train_seconds": 30.0}, {"step": 844, "train_seconds": 62.0}],
+def test_checkpoint_overhead_figure_is_the_ratio_of_paired_blocks() -> None:
+    raw = {
+        "every_steps": 500,
+        "state_mb": 1.18,
+        "checkpoint_rounds": [
+            {"with_checkpoint_seconds": 26.2, "without_seconds": 26.0, "save_seconds": 0.01},
+            {"with_checkpoint_seconds": 26.0, "without_seconds": 26.0, "save_seconds": 0.012},
+        ],
     }
-    without = {
-        "step_checkpoints": [],
-        "history": [{"step": 422, "train_seconds": 25.0}, {"step": 844, "train_seconds": 55.0}],
-    }
-    assert bench.same_work_ratio(default, without) == pytest.approx(30.0 / 25.0)
+    figure = bench.figure_checkpoint_overhead(raw)
+    assert figure.values == pytest.approx([26.2 / 26.0, 1.0])
+    assert figure.pairs == 2 and figure.met() == "yes"
+    assert "one checkpoint of 1.18 MB took 11.0 ms (median)" in figure.notes[0]
 
 
 def test_config_error_figure_end_to_end(tmp_path: Path) -> None:
