@@ -96,19 +96,10 @@ class Stages:
         self.prepared: Any = None
 
     def data(self) -> None:
-        from pipeline.data import prepare
+        from pipeline.data import prepare_run_data
 
-        d = self.cfg.data
         done = rundir.stage_record(self.run_dir, "data")
-        self.prepared = prepare(
-            d.name,
-            d.path,
-            d.train_size,
-            d.test_size,
-            d.val_fraction,
-            d.normalize,
-            self.run_dir / "data",
-        )
+        self.prepared = prepare_run_data(self.cfg.data, self.run_dir / "data")
         if done is None or done["fingerprint"] != self.prepared.fingerprint:
             rundir.finish_stage(
                 self.run_dir,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import durable
+from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,19 @@ def prepare(
         cache_dir,
     )
     return Prepared(splits, mean, std, fingerprint, origin)
+
+
+def prepare_run_data(cfg: DataConfig, cache_dir: Path) -> Prepared:
+    """`prepare` with a run's data config."""
+    return prepare(
+        cfg.name,
+        cfg.path,
+        cfg.train_size,
+        cfg.test_size,
+        cfg.val_fraction,
+        cfg.normalize,
+        cache_dir,
+    )
 
 
 def _read_cache_meta(cache_dir: Path) -> dict | None:

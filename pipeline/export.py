@@ -167,25 +167,16 @@ def git_commit() -> str | None:
     """The source commit (with `-dirty` for uncommitted changes), if this package runs from
     its own git checkout; None for an installed copy."""
     checkout = Path(__file__).resolve().parent.parent
-    try:
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            capture_output=True,
-            text=True,
-            cwd=checkout,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        if Path(top).resolve() != checkout:
-            return None
+
+    def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
-            capture_output=True,
-            text=True,
-            cwd=checkout,
-            timeout=5,
-            check=True,
+            ["git", *args], capture_output=True, text=True, cwd=checkout, timeout=5, check=True
         ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != checkout:
+            return None
+        return git("describe", "--always", "--dirty", "--abbrev=40")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -680,22 +680,13 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
 
     from pipeline.config import to_config
     from pipeline.configcheck import CONF_DIR
-    from pipeline.data import prepare
+    from pipeline.data import prepare_run_data
     from pipeline.fit import Trainer, permutation
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = to_config(compose("config", overrides=overrides))
-    d = cfg.data
     with tempfile.TemporaryDirectory() as cache:
-        data = prepare(
-            d.name,
-            d.path,
-            d.train_size,
-            d.test_size,
-            d.val_fraction,
-            d.normalize,
-            Path(cache) / "data",
-        )
+        data = prepare_run_data(cfg.data, Path(cache) / "data")
     trainer = Trainer(cfg.model, cfg.optimizer, cfg.fit, cfg.seed, data)
     batch = min(cfg.fit.batch_size, trainer.n_train)
 
