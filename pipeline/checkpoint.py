@@ -64,8 +64,12 @@ def load(path: Path) -> Checkpoint:
     return Checkpoint(meta["step"], path, arrays, meta)
 
 
-def load_latest(root: Path, only_step: int | None = None) -> Checkpoint | None:
-    """The newest checkpoint that verifies (or exactly `only_step`), setting bad ones aside."""
+def load_latest(root: Path, only_step: int | None = None, owner: bool = True) -> Checkpoint | None:
+    """The newest checkpoint that verifies (or exactly `only_step`).
+
+    The owner of `root` sets bad ones aside; a reader that does not own it (a non-chief worker)
+    only skips them, and skips one the owner moved away while it was reading.
+    """
     steps = committed_steps(root)
     if only_step is not None:
         steps = [s for s in steps if s == only_step]
@@ -73,7 +77,12 @@ def load_latest(root: Path, only_step: int | None = None) -> Checkpoint | None:
         path = path_for(root, step)
         try:
             return load(path)
+        except FileNotFoundError:
+            if owner:
+                raise
         except durable.CorruptArtifact as exc:
+            if not owner:
+                continue
             moved = durable.set_aside(path)
             log.warning(
                 "Checkpoint %s failed verification: %s. Set aside as %s; trying the "

@@ -112,7 +112,7 @@ class ScaleOut:
         from pipeline import checkpoint
 
         root = self.run_dir / "checkpoints"
-        mine = checkpoint.load_latest(root) if self.worker.is_chief else read_latest(root)
+        mine = checkpoint.load_latest(root, owner=self.worker.is_chief)
         step = -1 if mine is None else mine.step
         low, high = trainer.agree(step)
         if low != high:  # e.g. run.outputs is not on a filesystem every worker shares
@@ -130,18 +130,6 @@ class ScaleOut:
     def cleanup(self) -> None:
         if not self.worker.is_chief:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-def read_latest(root: Path) -> Any:
-    """Like checkpoint.load_latest, but never renames anything (the chief owns the directory)."""
-    from pipeline import checkpoint, durable
-
-    for step in reversed(checkpoint.committed_steps(root)):
-        try:
-            return checkpoint.load(checkpoint.path_for(root, step))
-        except (durable.CorruptArtifact, FileNotFoundError):
-            continue
-    return None
 
 
 def setup(name: str, cluster: str, run_dir: Path) -> ScaleOut | None:

@@ -192,3 +192,18 @@ def test_retain_leaves_set_aside_evidence(tmp_path: Path) -> None:
     checkpoint.load_latest(tmp_path)
     checkpoint.retain(tmp_path, 1, None)
     assert entries(tmp_path) == ["step-000000002", "step-000000003.corrupt"]
+
+
+def test_a_reader_that_does_not_own_the_directory_skips_bad_ones_without_moving_them(
+    tmp_path: Path,
+) -> None:
+    save_steps(tmp_path, [1, 2])
+    state_file = checkpoint.path_for(tmp_path, 2) / "state.npz"
+    state_file.write_bytes(state_file.read_bytes()[:-10])
+    before = entries(tmp_path)
+    ckpt = checkpoint.load_latest(tmp_path, owner=False)
+    assert ckpt is not None
+    assert_state(ckpt, 1)
+    assert entries(tmp_path) == before  # nothing set aside: that is the owner's job
+    assert checkpoint.load_latest(tmp_path).step == 1  # the owner does set it aside
+    assert entries(tmp_path) != before
