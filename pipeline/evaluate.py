@@ -14,7 +14,7 @@ from pipeline.config import ModelConfig
 from pipeline.data import INPUT_SHAPES, Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import evaluate_logits, restore_model
-from pipeline.model import build_model
+from pipeline.model import build_model, inference_function
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def run_evaluate(
 ) -> dict[str, Any]:
     model = build_model(model_cfg)
     restore_model(model, ckpt.arrays)
-    logits = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    logits = inference_function(model)
     # --- run visuals: keep each batch's logits (no second pass) for record_evaluation below.
     batches: list[np.ndarray] = []
 

@@ -26,7 +26,7 @@ from pipeline import checkpoint, tblog
 from pipeline.config import CheckpointConfig, FitConfig, ModelConfig, OptimizerConfig
 from pipeline.data import Prepared, features
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.model import build_model
+from pipeline.model import build_model, inference_function
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 1000
@@ -131,8 +131,6 @@ class Trainer:
         data: Prepared,
     ) -> None:
         keras.utils.set_random_seed(seed)
-        # Bit-identical resume needs bit-identical steps: no racing reductions in any kernel.
-        tf.config.experimental.enable_op_determinism()
         self.seed = seed
         self.fit_cfg = fit_cfg
         self.model_name = model_cfg.name
@@ -161,10 +159,7 @@ class Trainer:
             size: tf.function(self._step, input_signature=[tf.TensorSpec([size], tf.int32)])
             for size in {min(batch, self.n_train), remainder or batch}
         }
-        self._logits = tf.function(
-            lambda x: self.model(x, training=False),
-            input_signature=[tf.TensorSpec([None, *self.x_train.shape[1:]], tf.float32)],
-        )
+        self._logits = inference_function(self.model)
 
     def _step(self, indices: tf.Tensor) -> None:
         x = tf.gather(self.x_train, indices)

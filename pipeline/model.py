@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from pipeline.config import ModelConfig
 from pipeline.data import INPUT_SHAPES
 
 
 def build_model(cfg: ModelConfig) -> keras.Model:
+    # Every computation of every stage starts from a built model, so this is where a process
+    # commits to deterministic kernels: without it, an evaluate resumed in a fresh process
+    # scored the same weights with other reduction orders than the process that ran fit.
+    tf.config.experimental.enable_op_determinism()
     inputs = keras.Input(shape=INPUT_SHAPES[cfg.name], name="image")
     if cfg.name == "mlp":
         x = keras.layers.Dense(cfg.hidden_units, activation="relu", name="hidden")(inputs)
@@ -33,6 +38,15 @@ def build_model(cfg: ModelConfig) -> keras.Model:
         x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
     outputs = keras.layers.Dense(10, name="logits")(x)
     return keras.Model(inputs, outputs, name=cfg.name)
+
+
+def inference_function(model: keras.Model) -> tf.types.experimental.PolymorphicFunction:
+    """The model's logits in inference mode, traced once for any batch size: the same graph
+    (and kernels) in fit's validation, evaluate and export, whatever batch comes first."""
+    return tf.function(
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)],
+    )
 
 
 def summary_text(model: keras.Model) -> str:
