@@ -7,8 +7,11 @@ checkpoint, start it twice, and check it still ends exactly where an uninterrupt
 Everything after `--` is passed to `python -m pipeline train` (defaults: a small slice of the
 bundled sample). Kills are SIGKILLs at random instants (drawn from --seed) and, for about half
 of them, at named points inside the durable-write path (PIPELINE_FAILPOINT), so they land
-inside checkpoint, data-cache, record and export writes. Exit code 0 only if the final weights,
-test metrics and exported predictions are identical to the uninterrupted run's.
+inside checkpoint, data-cache, record and export writes. Every time the victim run finishes, it
+is compared in full with the uninterrupted run (pipeline/exactness.py: every kept checkpoint and
+its loop state, TensorBoard scalar values, test metrics, exported predictions; every damaged
+checkpoint detected; no temporary debris) before a new victim takes the remaining kills. Exit
+code 0 only if every victim, and so every kill, was verified.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from pipeline import rundir
+from pipeline import durable, exactness, rundir
 
 DEFAULT_CONFIG = [
     "data=sample",
@@ -107,38 +109,6 @@ def corrupt(path: Path, rng: random.Random) -> str:
     return kind
 
 
-def final_state(run_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(newest_checkpoint(run_dir) / "state.npz") as npz:
-        return {k: npz[k] for k in npz.files}
-
-
-def export_predictions(run_dir: Path) -> np.ndarray:
-    """Probabilities of the newest exported SavedModel on the run's own test images."""
-    code = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        "m = tf.saved_model.load(sys.argv[1])\n"
-        "x = np.load(sys.argv[2])['x_test'][:200]\n"
-        "np.save(sys.argv[3], m.signatures['serving_default'](image=tf.constant(x))"
-        "['probabilities'].numpy())\n"
-    )
-    version = max((run_dir / "export" / "mnist").iterdir(), key=lambda p: int(p.name))
-    out = run_dir / "predictions.npy"
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(version),
-            str(run_dir / "data" / "prepared.npz"),
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    return np.load(out)
-
-
 def reference(config: list[str], workdir: Path) -> tuple[Path, float]:
     started = time.monotonic()
     proc = pipeline(config, workdir / "reference")
@@ -146,6 +116,40 @@ def reference(config: list[str], workdir: Path) -> tuple[Path, float]:
     if proc.returncode != 0:
         sys.exit(f"the uninterrupted reference run failed:\n{output}")
     return run_dir_of(workdir / "reference"), time.monotonic() - started
+
+
+@dataclass
+class Victim:
+    """One run that is killed again and again until it finishes, then compared in full."""
+
+    number: int
+    kills: int = 0
+    corruptions: list[str] = field(default_factory=list)
+    comparison: exactness.Comparison | None = None
+
+    def set_aside(self, run_dir: Path | None) -> int:
+        """Damaged checkpoints the pipeline detected and set aside so far."""
+        if run_dir is None:
+            return 0
+        return len(list((run_dir / "checkpoints").glob("step-*.corrupt*")))
+
+
+def verify(victim: Victim, ref_dir: Path, run_dir: Path | None) -> list[str]:
+    """Everything that makes a finished victim differ from the uninterrupted run."""
+    if run_dir is None:
+        return ["the victim finished without a run directory"]
+    victim.comparison = exactness.compare_runs(ref_dir, run_dir)
+    problems = list(victim.comparison.differences)
+    detected = victim.set_aside(run_dir)
+    if detected != len(victim.corruptions):
+        problems.append(
+            f"{len(victim.corruptions)} checkpoints were damaged but {detected} were set aside: "
+            "a damaged checkpoint was trusted or lost"
+        )
+    leftovers = [str(p) for p in run_dir.rglob(f"*{durable.TMP_MARK}*")]
+    if leftovers:
+        problems.append(f"temporary files left over: {leftovers[:3]}")
+    return problems
 
 
 def main() -> int:
@@ -171,28 +175,27 @@ def main() -> int:
     ref_dir, ref_seconds = reference(config, args.workdir)
     print(f"  done in {ref_seconds:.1f}s: {ref_dir}", flush=True)
 
-    victim = args.workdir / "victim"
+    victim_root = args.workdir / "victim"
     kills_by_stage: collections.Counter[str] = collections.Counter()
     kills_by_kind: collections.Counter[str] = collections.Counter()
-    corruptions: list[str] = []
-    resumes = detected = redone_max = lock_refusals = launches = 0
-    finished = False
-    while not finished:
+    victims = [Victim(1)]
+    resumes = redone_max = lock_refusals = launches = 0
+    while True:
+        victim = victims[-1]
         launches += 1
-        run_dir = run_dir_of(victim)
         env = {}
-        kind = "none"
-        if len(kills_by_stage) and sum(kills_by_stage.values()) >= args.kills:
+        kills = sum(kills_by_stage.values())
+        if kills >= args.kills:
             kind = "none"  # enough kills: let it finish
         elif rng.random() < 0.5:
             kind = "failpoint"
             env["PIPELINE_FAILPOINT"] = f"{rng.choice(FAILPOINTS)}@{rng.randint(1, 4)}"
         else:
             kind = "timer"
-        proc = pipeline(config, victim, env)
-        if launches % 10 == 3 and kind != "none" and wait_until_locked(victim, proc):
+        proc = pipeline(config, victim_root, env)
+        if launches % 10 == 3 and kind != "none" and wait_until_locked(victim_root, proc):
             # A second process on the same run must be refused while the first holds it.
-            second = pipeline(config, victim)
+            second = pipeline(config, victim_root)
             second_out, _ = second.communicate()
             if second.returncode == 3 and "is in use by pid" in second_out:
                 lock_refusals += 1
@@ -205,65 +208,80 @@ def main() -> int:
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             if proc.poll() is None:
-                stage = stage_in_progress(run_dir_of(victim))
+                stage = stage_in_progress(run_dir_of(victim_root))
                 proc.kill()
         output, _ = proc.communicate()
         resumes += output.count("Fit: resuming from")
-        detected += output.count("failed verification")
         for match in re.finditer(r"had reached step \d+; (\d+) steps are redone", output):
             redone_max = max(redone_max, int(match.group(1)))
+        run_dir = run_dir_of(victim_root)
         if proc.returncode == -signal.SIGKILL:
             if kind == "failpoint":
-                stage = stage_in_progress(run_dir_of(victim))
+                stage = stage_in_progress(run_dir)
+            victim.kills += 1
             kills_by_stage[stage] += 1
             kills_by_kind[kind if kind == "timer" else env["PIPELINE_FAILPOINT"].split("@")[0]] += 1
-            newest = newest_checkpoint(run_dir_of(victim))
-            if newest is not None and rng.random() < args.corrupt_prob:
-                corruptions.append(f"{newest.name}:{corrupt(newest, rng)}")
-        elif proc.returncode == 0:
-            finished = kind == "none" or sum(kills_by_stage.values()) >= args.kills
-            if not finished and stage_in_progress(run_dir_of(victim)) == "done":
-                # Finished before enough kills landed: start over to place the rest.
-                subprocess.run(["rm", "-rf", str(victim)], check=True)
-        else:
+            newest = newest_checkpoint(run_dir)
+            # One damaged checkpoint at a time, so each one's detection can be counted.
+            outstanding = len(victim.corruptions) - victim.set_aside(run_dir)
+            if newest is not None and not outstanding and rng.random() < args.corrupt_prob:
+                victim.corruptions.append(f"{newest.name}:{corrupt(newest, rng)}")
+        elif proc.returncode != 0:
             print(f"FAIL: run exited {proc.returncode}:\n{output[-3000:]}")
             return 1
         print(
-            f"  launch {launches}: {kind:9s} exit {proc.returncode:4d}  kills so far "
-            f"{sum(kills_by_stage.values())}",
+            f"  launch {launches}: victim {victim.number} {kind:9s} exit {proc.returncode:4d}  "
+            f"kills so far {sum(kills_by_stage.values())}",
             flush=True,
         )
+        if proc.returncode != 0:
+            continue
+        # The victim finished: compare it in full before anything else happens to it.
+        problems = verify(victim, ref_dir, run_dir)
+        assert victim.comparison is not None or problems
+        print(
+            f"  victim {victim.number}: {victim.kills} kills, "
+            f"{'verified' if not problems else 'DIFFERS'} "
+            f"({victim.comparison.summary() if victim.comparison else 'nothing compared'})",
+            flush=True,
+        )
+        if problems:
+            print(f"FAIL: victim {victim.number} differs from the uninterrupted run:")
+            for problem in problems[:20]:
+                print(f"  - {problem}")
+            return 1
+        if sum(kills_by_stage.values()) >= args.kills:
+            break
+        subprocess.run(["rm", "-rf", str(victim_root)], check=True)
+        victims.append(Victim(victim.number + 1))
 
-    run_dir = run_dir_of(victim)
-    ref_state, state = final_state(ref_dir), final_state(run_dir)
-    weights_equal = sorted(ref_state) == sorted(state) and all(
-        np.array_equal(ref_state[k], state[k]) for k in ref_state
-    )
-    ref_metrics = json.loads((ref_dir / "metrics.json").read_text())
+    total_kills = sum(kills_by_stage.values())
+    verified = sum(v.kills for v in victims if v.comparison is not None)
+    corruptions = [c for v in victims for c in v.corruptions]
+    run_dir = run_dir_of(victim_root)
+    assert run_dir is not None
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics_equal = all(ref_metrics[k] == metrics[k] for k in ("test_loss", "test_accuracy"))
-    predictions_equal = np.array_equal(export_predictions(ref_dir), export_predictions(run_dir))
-    leftovers = [str(p) for p in run_dir.rglob("*.tmp-*")]
-    ok = weights_equal and metrics_equal and predictions_equal and not leftovers
     print("\n== crash test summary ==")
     print(f"config: train {' '.join(config)}")
-    print(
-        f"kills injected: {sum(kills_by_stage.values())} "
-        f"(by stage: {dict(sorted(kills_by_stage.items()))})"
-    )
+    print(f"kills injected: {total_kills} (by stage: {dict(sorted(kills_by_stage.items()))})")
     print(f"kills by kind: {dict(sorted(kills_by_kind.items()))}")
     print(
         f"launches: {launches}; fit resumes: {resumes}; second processes refused: {lock_refusals}"
     )
-    print(f"checkpoints corrupted: {len(corruptions)}; corruptions detected on load: {detected}")
-    print(f"steps redone after a kill, at most: {redone_max} (checkpoint.every_steps bounds it)")
-    print(f"temporary files left over: {len(leftovers)}")
-    print(f"final weights bit-identical: {'yes' if weights_equal else 'NO'}")
     print(
-        f"test metrics identical: {'yes' if metrics_equal else 'NO'} "
-        f"(accuracy {metrics['test_accuracy']:.4f})"
+        f"victim runs: {len(victims)}, each compared in full with the uninterrupted run; kills "
+        f"per run: {[v.kills for v in victims]}"
     )
-    print(f"exported predictions identical: {'yes' if predictions_equal else 'NO'}")
+    print(f"kills verified: {verified} of {total_kills}")
+    # verify() failed any victim whose damaged checkpoints were not all set aside.
+    print(f"checkpoints corrupted: {len(corruptions)}; detected and set aside: {len(corruptions)}")
+    print(f"steps redone after a kill, at most: {redone_max} (checkpoint.every_steps bounds it)")
+    print("temporary files left over: 0")
+    print("final weights bit-identical: yes (every kept checkpoint, with its loop state)")
+    print(f"test metrics identical: yes (accuracy {metrics['test_accuracy']:.4f})")
+    print("exported predictions identical: yes")
+    print("TensorBoard scalars identical: yes (values, each step once)")
+    ok = verified == total_kills
     print(f"RESULT: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
