@@ -75,9 +75,22 @@ def only_run_dir(outputs: Path) -> Path:
 
 
 def final_state(run_dir: Path) -> dict[str, np.ndarray]:
-    steps = sorted((run_dir / "checkpoints").glob("step-*"))
-    with np.load(steps[-1] / "state.npz") as npz:
-        return {k: npz[k] for k in npz.files}
+    """Every array of the newest checkpoint, read through the verified loader."""
+    from pipeline import checkpoint
+
+    latest = checkpoint.load_latest(run_dir / "checkpoints")
+    assert latest is not None, f"no checkpoint verifies in {run_dir}"
+    return latest.arrays
+
+
+def assert_runs_identical(reference: Path, run: Path, predictions: bool = True) -> None:
+    """The project's one exactness check (pipeline/exactness.py): checkpoints with their loop
+    state, TensorBoard values, test metrics and (when exported) predictions."""
+    from pipeline import exactness
+
+    comparison = exactness.compare_runs(reference, run, predictions=predictions)
+    assert comparison.identical, "\n".join(comparison.differences[:10])
+    assert comparison.checkpoints, "no checkpoint was compared"
 
 
 def assert_same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
