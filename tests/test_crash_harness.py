@@ -36,8 +36,7 @@ def test_harness_small(tmp_path: Path) -> None:
     result = harness(tmp_path, kills=3, seed=11)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "kills injected: 3" in result.stdout
-    assert "final weights bit-identical: yes" in result.stdout
-    assert "exported predictions identical: yes" in result.stdout
+    assert "kills verified: 3 of 3" in result.stdout
     assert "RESULT: PASS" in result.stdout
 
 
@@ -46,6 +45,7 @@ def test_harness_many_kills(tmp_path: Path) -> None:
     result = harness(tmp_path, kills=15, seed=5)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "kills injected: 15" in result.stdout
+    assert "kills verified: 15 of 15" in result.stdout
     # How many second processes met a lock depends on timing (the lock itself is tested in
     # test_resume.py); the harness must have checked and reported it.
     assert re.search(r"second processes refused: \d+", result.stdout)

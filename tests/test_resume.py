@@ -210,3 +210,22 @@ def test_augmented_mlp_resumes_bit_identical(tmp_path: Path) -> None:
         final_state(only_run_dir(reference_dir / "outputs")),
         final_state(only_run_dir(tmp_path / "outputs")),
     )
+
+
+def test_evaluate_in_a_fresh_process_gives_the_same_bits(
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
+    # The reference evaluated in the process that ran fit; here a new process evaluates the same
+    # checkpoint. Every stage must compute the same bits in any process.
+    run_dir = tmp_path / "outputs" / reference_run[0].name
+    shutil.copytree(reference_run[0], run_dir)
+    for name in ("stages/evaluate.json", "stages/export.json", "metrics.json"):
+        (run_dir / name).unlink()
+    result = cli(["evaluate", *SMALL], tmp_path)
+    assert result.returncode == 0, result.stderr
+    ours = json.loads((run_dir / "metrics.json").read_text())
+    theirs = json.loads((reference_run[0] / "metrics.json").read_text())
+    assert (ours["test_loss"], ours["test_accuracy"]) == (
+        theirs["test_loss"],
+        theirs["test_accuracy"],
+    )
