@@ -229,3 +229,21 @@ def test_evaluate_in_a_fresh_process_gives_the_same_bits(
         theirs["test_loss"],
         theirs["test_accuracy"],
     )
+
+
+def test_finished_fit_with_a_damaged_final_checkpoint_is_resumed_not_trusted(
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
+    run_dir = tmp_path / "outputs" / reference_run[0].name
+    shutil.copytree(reference_run[0], run_dir)
+    final = checkpoint.path_for(run_dir / "checkpoints", 30)
+    state = final / "state.npz"
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    state.write_bytes(bytes(raw))
+    result = cli(["train", *SMALL], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (final.parent / f"{final.name}.corrupt").is_dir()
+    resumed = [r["step"] for r in loop_of_newest(run_dir)["resumes"]]
+    assert resumed == [27], resumed  # the newest good checkpoint before the damaged one
+    assert_same_state(final_state(reference_run[0]), final_state(run_dir))
