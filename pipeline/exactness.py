@@ -218,8 +218,10 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
         for key in sorted(set(a) | set(b), key=str):
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+    if isinstance(a, list) and isinstance(b, list):
+        for i, (x, y) in enumerate(zip(a, b)):
             if x != y:
                 return _first_difference(x, y, f"{where}[{i}]")
+        if len(a) != len(b):
+            return f"{where.lstrip('.') or 'value'}: {len(b)} entries, not {len(a)}"
     return f"{where.lstrip('.') or 'value'}: {b!r}, not {a!r}"

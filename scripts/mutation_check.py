@@ -85,7 +85,7 @@ MUTATIONS = [
                 "        state.epochs_without_improvement = 0\n",
             ),
         ),
-        ("tests/test_promises.py::test_early_stopping_patience_survives_a_resume",),
+        ("tests/test_promises.py::test_early_stopping_stops_and_its_patience_survives_a_kill",),
     ),
     Mutation(
         "determinism-only-in-fit",
