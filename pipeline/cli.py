@@ -110,11 +110,14 @@ class Stages:
     def model(self) -> None:
         if rundir.stage_record(self.run_dir, "model"):
             return
-        from pipeline.model import build_model, summary_text
+        from pipeline.models import build_model, summary_text
 
-        model = build_model(self.cfg.model)
+        model = build_model(self.cfg.model, self.pixels())
         durable.write_bytes(self.run_dir / "model_summary.txt", summary_text(model).encode())
         rundir.finish_stage(self.run_dir, "model", {"parameters": model.count_params()})
+
+    def pixels(self) -> Any:
+        return self.prepared.pixels(self.cfg.data.normalize)
 
     def fit(self) -> None:
         done = rundir.stage_record(self.run_dir, "fit")
@@ -140,6 +143,7 @@ class Stages:
                 c.checkpoint,
                 c.seed,
                 self.prepared,
+                self.pixels(),
                 self.run_dir,
                 self.stop,
                 self.scale,
@@ -178,7 +182,9 @@ class Stages:
                 100 * done["test_accuracy"],
             )
             return
-        metrics = run_evaluate(self.cfg.model, self.prepared, ckpt, self.run_dir, which)
+        metrics = run_evaluate(
+            self.cfg.model, self.pixels(), self.prepared, ckpt, self.run_dir, which
+        )
         rundir.finish_stage(self.run_dir, "evaluate", metrics)
 
     def export(self) -> None:
@@ -189,7 +195,7 @@ class Stages:
         metrics = rundir.stage_record(self.run_dir, "evaluate")
         if metrics and metrics["checkpoint_step"] != ckpt.step:
             metrics = None
-        result = run_export(self.cfg, self.prepared, ckpt, self.run_dir, metrics)
+        result = run_export(self.cfg, self.pixels(), self.prepared, ckpt, self.run_dir, metrics)
         done = rundir.stage_record(self.run_dir, "export")
         if done is None or done["checkpoint_step"] != ckpt.step:
             # Also when the version was already published and only this record was lost.
@@ -215,13 +221,16 @@ def plan(command: str, scale: Any) -> tuple[str, ...]:
 
 def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -> None:
     with rundir.RunLock(run_dir):
+        # The run directory may come from a plain mkdir (Hydra's): make its name durable before
+        # anything is committed inside it, or a power cut could take it with all its commits.
+        durable.sync_ancestors(run_dir)
         removed = durable.remove_temps(run_dir)
         if removed:
             log.info("Removed %d temporary file(s) left by an interrupted write", len(removed))
         if cfg.run.restart:
             log.info("run.restart=true: discarding the previous state of %s", run_dir)
             rundir.restart(run_dir)
-        rundir.check_identity(run_dir, identity(cfg), as_dict(cfg), schema_defaults())
+        rundir.check_identity(run_dir, identity(cfg), as_dict(cfg), schema_defaults(cfg))
         write_session(run_dir, "running", command=cfg.command)
         log.info("Run directory: %s", run_dir)
         stages = Stages(cfg, run_dir, stop, scale)

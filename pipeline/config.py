@@ -11,12 +11,15 @@ import copy
 import hashlib
 import re
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from pipeline import models
 from pipeline.errors import ConfigError
+from pipeline.models import ModelConfig
 
 COMMANDS = ("train", "data", "fit", "evaluate", "export")
 
@@ -28,34 +31,58 @@ class RunConfig:
     outputs: str = "outputs"
 
 
+# Choices are Enums: Hydra refuses any other value while composing, naming the allowed ones, and
+# the code that implements each choice keys its table by the same Enum (a test checks every
+# member has an entry), so no list of names is kept by hand.
+class Choice(str, Enum):
+    """A named choice; prints as its name (in messages, run.json, directory names)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Dataset(Choice):
+    mnist = "mnist"  # Keras' download (or cache); offline, the bundled sample with a warning
+    fashion_mnist = "fashion_mnist"
+    sample = "sample"  # the real-MNIST sample shipped inside the package
+
+
+class Normalize(Choice):
+    scale = "scale"  # x / 255
+    standardize = "standardize"  # (x / 255 - mean) / std over the training slice
+
+
+class OptimizerName(Choice):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class Schedule(Choice):
+    constant = "constant"
+    cosine = "cosine"
+    onecycle = "onecycle"
+    restarts = "restarts"
+
+
 @dataclass
 class DataConfig:
-    name: str = MISSING  # mnist | fashion_mnist | sample
+    name: Dataset = MISSING
     path: str | None = None  # a Keras-layout .npz, or a directory of IDX files
     train_size: int | None = None  # first N training images; None: all
     test_size: int | None = None  # first N test images; None: all
     val_fraction: float = 0.1  # held out from the end of the training slice; 0: none
-    normalize: str = "scale"  # scale (x/255) | standardize ((x/255 - mean) / std)
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING  # mlp | cnn
-    hidden_units: int = 512
-    dropout: float = 0.2
-    filters: list[int] = field(default_factory=lambda: [32, 64])
-    dense_units: int = 128  # cnn: hidden dense layer width; 0: none
-    batch_norm: bool = False
-    padding: str = "same"  # cnn convolutions: same | valid
-    convs_per_block: int = 1  # cnn: convolutions before each pooling
+    normalize: Normalize = Normalize.scale  # done by the model's own layers
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # adam | sgd
+    name: OptimizerName = OptimizerName.adam
     learning_rate: float = 1e-3
     momentum: float = 0.9  # sgd only
-    schedule: str = "constant"  # constant | cosine | onecycle | restarts
+    schedule: Schedule = Schedule.constant
     warmup_epochs: float = 0.0
     cycle_epochs: float = 3.0  # restarts: length of the first cosine cycle; each next is 2x
 
@@ -101,7 +128,8 @@ class Config:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # One of the registered architectures' configs (pipeline/models), chosen with model=<name>.
+    model: Any = MISSING
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -161,13 +189,6 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     _check(
         e,
-        d.name in ("mnist", "fashion_mnist", "sample"),
-        "data.name",
-        d.name,
-        "mnist, fashion_mnist or sample (choose with data=...)",
-    )
-    _check(
-        e,
         d.train_size is None or d.train_size >= 1,
         "data.train_size",
         d.train_size,
@@ -183,46 +204,17 @@ def validate(cfg: Config) -> None:
     _check(
         e, 0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a number in [0, 1)"
     )
-    _check(
-        e,
-        d.normalize in ("scale", "standardize"),
-        "data.normalize",
-        d.normalize,
-        "scale or standardize",
-    )
     m = cfg.model
-    _check(e, m.name in ("mlp", "cnn"), "model.name", m.name, "mlp or cnn (choose with model=...)")
-    _check(e, m.hidden_units >= 1, "model.hidden_units", m.hidden_units, "an integer >= 1")
-    _check(e, 0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")
-    _check(
-        e,
-        len(m.filters) >= 1 and all(f >= 1 for f in m.filters),
-        "model.filters",
-        list(m.filters),
-        "a non-empty list of integers >= 1",
-    )
-    _check(
-        e,
-        m.dense_units >= 0,
-        "model.dense_units",
-        m.dense_units,
-        "an integer >= 0 (0: no hidden dense layer)",
-    )
-    _check(e, m.padding in ("same", "valid"), "model.padding", m.padding, "same or valid")
-    _check(
-        e, m.convs_per_block in (1, 2, 3), "model.convs_per_block", m.convs_per_block, "1, 2 or 3"
-    )
+    if not isinstance(m, ModelConfig) or m.name not in models.names():
+        e.append(
+            f"model.name={getattr(m, 'name', m)!r} has no registered builder; available: "
+            f"{', '.join(models.names())} (choose with model=...)"
+        )
+    else:
+        e.extend(m.problems())
     o = cfg.optimizer
-    _check(e, o.name in ("adam", "sgd"), "optimizer.name", o.name, "adam or sgd")
     _check(e, o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
     _check(e, 0.0 <= o.momentum < 1.0, "optimizer.momentum", o.momentum, "a number in [0, 1)")
-    _check(
-        e,
-        o.schedule in ("constant", "cosine", "onecycle", "restarts"),
-        "optimizer.schedule",
-        o.schedule,
-        "constant, cosine, onecycle or restarts",
-    )
     _check(e, o.cycle_epochs > 0, "optimizer.cycle_epochs", o.cycle_epochs, "a number > 0")
     _check(e, o.warmup_epochs >= 0, "optimizer.warmup_epochs", o.warmup_epochs, "a number >= 0")
     f = cfg.fit
@@ -317,7 +309,10 @@ def to_config(cfg: DictConfig) -> Config:
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """Plain JSON-able values (Enums as their names)."""
+    return OmegaConf.to_container(  # type: ignore[return-value]
+        OmegaConf.structured(cfg), resolve=True, enum_to_str=True
+    )
 
 
 def identity(cfg: Config) -> dict[str, Any]:
@@ -334,9 +329,14 @@ def identity(cfg: Config) -> dict[str, Any]:
     return ident
 
 
-def schema_defaults() -> dict[str, Any]:
-    """Every key's default in the schema, flattened (`model.dropout` -> 0.2)."""
-    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))  # type: ignore[arg-type]
+def schema_defaults(cfg: Config) -> dict[str, Any]:
+    """Every key's default in the schema of `cfg` (its model's included), flattened
+    (`model.dropout` -> 0.2)."""
+    tree = OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True)
+    tree["model"] = OmegaConf.to_container(  # type: ignore[index,call-overload]
+        OmegaConf.structured(type(cfg.model)), enum_to_str=True
+    )
+    return _flatten(tree)  # type: ignore[arg-type]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

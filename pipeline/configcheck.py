@@ -33,7 +33,10 @@ def explain(exc: Exception) -> str:
     cause = exc.__cause__ or exc
     if isinstance(exc, MissingConfigException):
         group = re.search(r"Could not find '([^/']+)/([^']+)'", str(exc))
-        options = re.findall(r"^\t(\S+)$", str(exc), flags=re.M)
+        # Schemas registered for the YAML files to extend are not choices of their own.
+        options = [
+            o for o in re.findall(r"^\t(\S+)$", str(exc), flags=re.M) if not o.endswith("_schema")
+        ]
         if group:
             return (
                 f"{group.group(1)}={group.group(2)} is not a config option; available: "
@@ -48,6 +51,9 @@ def explain(exc: Exception) -> str:
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None) or "?"
         first = str(cause).splitlines()[0]
+        choice = re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
+        if choice:
+            return f"{key}={choice.group(1)!r} is not allowed: one of {choice.group(2)}"
         wanted = re.search(r"Value '(.*)' of type .* could not be converted to (\w+)", first)
         if wanted:
             return f"{key}={wanted.group(1)!r} is not allowed: expected {wanted.group(2).lower()}"

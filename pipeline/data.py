@@ -2,8 +2,9 @@
 
 Sources, in order: `data.path` (a Keras-layout .npz, or a directory of IDX files, gzipped or
 not); else Keras' own cache/download; else, when offline, the real-MNIST sample shipped in this
-package, with a loud warning. The prepared arrays stay uint8 on disk and in memory until
-`features` turns a batch source into model input, so no float64 copy of the dataset ever exists.
+package, with a loud warning. The prepared arrays stay uint8 on disk and in memory: models take
+raw pixels and own their preprocessing (pipeline/models), so the data stage never normalizes; it
+records the training slice's pixel mean and std for models that standardize.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from pipeline import durable
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
+from pipeline.models import Pixels
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-# What each model takes as input; the data stage reshapes to this, the model is built for it.
-INPUT_SHAPES = {"mlp": (784,), "cnn": (28, 28, 1)}
 SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
@@ -40,13 +40,17 @@ class DataError(PipelineError):
 
 @dataclass
 class Prepared:
-    """The sliced uint8 arrays of one run, and how to normalize them."""
+    """The sliced uint8 arrays of one run, and its training pixels' mean and std (in [0, 1])."""
 
     arrays: dict[str, np.ndarray]
     mean: float
     std: float
     fingerprint: str
     source: str
+
+    def pixels(self, normalize: str) -> Pixels:
+        """How a model turns these raw pixels into its input (models own their preprocessing)."""
+        return Pixels(str(normalize), self.mean, self.std)
 
 
 # ---------------------------------------------------------------- reading sources
@@ -261,7 +265,6 @@ def prepare(
     train_size: int | None,
     test_size: int | None,
     val_fraction: float,
-    normalize: str,
     cache_dir: Path,
 ) -> Prepared:
     """Load, check, slice and cache the data of one run; reuse the cache when it matches.
@@ -274,7 +277,6 @@ def prepare(
         "train_size": train_size,
         "test_size": test_size,
         "val_fraction": val_fraction,
-        "normalize": normalize,
     }
     if cache_dir.exists():
         meta = _read_cache_meta(cache_dir)
@@ -292,7 +294,7 @@ def prepare(
                 log.info("Data: reusing the prepared cache in %s", cache_dir)
                 return Prepared(cached, meta["mean"], meta["std"], meta["fingerprint"], origin)
     splits = split(arrays, train_size, test_size, val_fraction)
-    mean, std = pixel_stats(splits["x_train"]) if normalize == "standardize" else (0.0, 1.0)
+    mean, std = pixel_stats(splits["x_train"])
     fingerprint = hashlib.sha256(f"{source_hash}:{sorted(recipe.items())}".encode()).hexdigest()
     _write_cache(
         cache_dir,
@@ -320,13 +322,7 @@ def prepare(
 def prepare_run_data(cfg: DataConfig, cache_dir: Path) -> Prepared:
     """`prepare` with a run's data config."""
     return prepare(
-        cfg.name,
-        cfg.path,
-        cfg.train_size,
-        cfg.test_size,
-        cfg.val_fraction,
-        cfg.normalize,
-        cache_dir,
+        str(cfg.name), cfg.path, cfg.train_size, cfg.test_size, cfg.val_fraction, cache_dir
     )
 
 
@@ -348,13 +344,3 @@ def _write_cache(cache_dir: Path, splits: dict[str, np.ndarray], meta: dict) -> 
         meta,
         size_hint=sum(a.nbytes for a in splits.values()),
     )
-
-
-def features(x: np.ndarray, model_name: str, mean: float, std: float) -> np.ndarray:
-    """uint8 images -> float32 model input: flat 784 for the MLP, 28×28×1 for the CNN."""
-    out = x.reshape((-1, *INPUT_SHAPES[model_name])).astype(np.float32)
-    out *= np.float32(1.0 / 255.0)
-    if (mean, std) != (0.0, 1.0):
-        out -= np.float32(mean)
-        out *= np.float32(1.0 / std)
-    return out

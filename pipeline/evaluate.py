@@ -10,11 +10,10 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import checkpoint, durable
-from pipeline.config import ModelConfig
-from pipeline.data import INPUT_SHAPES, Prepared
+from pipeline.data import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import evaluate_logits, restore_model
-from pipeline.model import build_model, inference_function
+from pipeline.models import ModelConfig, Pixels, build_model, inference_function
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,14 @@ def choose_checkpoint(ckpt_root: Path, which: str) -> checkpoint.Checkpoint:
 
 
 def run_evaluate(
-    model_cfg: ModelConfig, data: Prepared, ckpt: checkpoint.Checkpoint, run_dir: Path, which: str
+    model_cfg: ModelConfig,
+    pixels: Pixels,
+    data: Prepared,
+    ckpt: checkpoint.Checkpoint,
+    run_dir: Path,
+    which: str,
 ) -> dict[str, Any]:
-    model = build_model(model_cfg)
+    model = build_model(model_cfg, pixels)
     restore_model(model, ckpt.arrays)
     logits = inference_function(model)
     # --- run visuals: keep each batch's logits (no second pass) for record_evaluation below.
@@ -55,13 +59,7 @@ def run_evaluate(
         batches.append(out.numpy())
         return out
 
-    loss, accuracy = evaluate_logits(
-        kept_logits,
-        data.arrays["x_test"],
-        data.arrays["y_test"],
-        model_cfg.name,
-        (data.mean, data.std),
-    )
+    loss, accuracy = evaluate_logits(kept_logits, data.arrays["x_test"], data.arrays["y_test"])
     print(f"Restored model, accuracy: {100 * accuracy:5.2f}%", flush=True)
     metrics = {
         "test_loss": loss,
@@ -82,7 +80,7 @@ def run_evaluate(
         np.concatenate(batches) if batches else np.zeros((0, 10), np.float32),
         data.arrays["x_test"],
         metrics,
-        graph_def=report.model_graph_def(model, INPUT_SHAPES[model_cfg.name]),
+        graph_def=report.model_graph_def(model),
     )
     durable.write_bytes(run_dir / "metrics.json", _json(metrics))
     log.info(

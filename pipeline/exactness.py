@@ -219,7 +219,7 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
     if isinstance(a, list) and isinstance(b, list):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             if x != y:
                 return _first_difference(x, y, f"{where}[{i}]")
         if len(a) != len(b):

@@ -5,6 +5,10 @@ Layout (TensorFlow Serving's): `export/<model_name>/<version>/` is a SavedModel 
 version is written into a temporary directory, each format is reloaded from disk and checked
 against the in-memory model on real test images, and only then is the directory renamed into
 place. A half-written version never carries a version number.
+
+Every format holds the same Keras model, raw pixels (uint8 [N, 28, 28]) to probabilities: the
+trained model owns its preprocessing, and `models.with_probabilities` adds the softmax, so each
+file stands alone (no code of this package is needed to feed it).
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from absl import logging as absl_logging
 
 from pipeline import checkpoint, durable
 from pipeline.config import Config
-from pipeline.data import INPUT_SHAPES, Prepared, features
+from pipeline.data import Prepared
 from pipeline.errors import PipelineError
-from pipeline.fit import make_optimizer, restore_training_model
+from pipeline.fit import make_optimizer, restore_model, restore_optimizer
+from pipeline.models import Pixels, build_model, with_probabilities
 
 log = logging.getLogger(__name__)
 # The TFLite interpreter still ships with TF 2.21; its deprecation notice is noise for users.
@@ -63,29 +68,30 @@ def published_for_step(model_root: Path, step: int) -> Path | None:
     return None
 
 
-def serving_functions(model: keras.Model, model_name: str, mean: float, std: float) -> dict:
-    """Signatures that take raw MNIST pixels, so serving can never skew from training."""
-    shape = INPUT_SHAPES[model_name]
+def serving_functions(model: keras.Model) -> dict:
+    """Signatures of a raw-pixels-to-probabilities `model` for TF Serving."""
 
     def classify(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        x = tf.cast(pixels, tf.float32) / 255.0
-        x = (x - mean) / std
-        logits = model(tf.reshape(x, (-1, *shape)), training=False)
-        probabilities = tf.nn.softmax(logits, axis=-1)
+        probabilities = model(pixels, training=False)
         return {
             "probabilities": probabilities,
             "class_id": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
         }
 
+    def as_image(values: tf.Tensor) -> tf.Tensor:
+        """Float pixel values 0-255 (flat 784) as the model's raw uint8 [N, 28, 28]."""
+        pixels = tf.clip_by_value(tf.round(values), 0.0, 255.0)
+        return tf.cast(tf.reshape(pixels, (-1, 28, 28)), tf.uint8)
+
     def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
         return classify(image)
 
     def serve_flat(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        return classify(image)
+        return classify(as_image(image))
 
     def serve_examples(examples: tf.Tensor) -> dict[str, tf.Tensor]:
         parsed = tf.io.parse_example(examples, {"image": tf.io.FixedLenFeature([784], tf.float32)})
-        return classify(parsed["image"])
+        return classify(as_image(parsed["image"]))
 
     return {
         "serving_default": (serve, [tf.TensorSpec([None, 28, 28], tf.uint8, name="image")]),
@@ -94,11 +100,9 @@ def serving_functions(model: keras.Model, model_name: str, mean: float, std: flo
     }
 
 
-def write_saved_model(
-    model: keras.Model, path: Path, model_name: str, mean: float, std: float
-) -> None:
+def write_saved_model(model: keras.Model, path: Path) -> None:
     archive = keras.export.ExportArchive()
-    for name, (fn, signature) in serving_functions(model, model_name, mean, std).items():
+    for name, (fn, signature) in serving_functions(model).items():
         archive.add_endpoint(name=name, fn=fn, input_signature=signature)
     try:
         archive.write_out(str(path), verbose=False)
@@ -117,16 +121,7 @@ def write_tflite(saved_model: Path, path: Path) -> None:
     path.write_bytes(converter.convert())
 
 
-def reference_probabilities(
-    model: keras.Model, images: np.ndarray, model_name: str, mean: float, std: float
-) -> np.ndarray:
-    logits = model(features(images, model_name, mean, std), training=False)
-    return tf.nn.softmax(logits, axis=-1).numpy()
-
-
-def reload_predictions(
-    fmt: str, path: Path, images: np.ndarray, model_name: str, mean: float, std: float
-) -> np.ndarray:
+def reload_predictions(fmt: str, path: Path, images: np.ndarray) -> np.ndarray:
     """Probabilities for `images` (uint8 N×28×28) from the exported file at `path`."""
     if fmt == "saved_model":
         loaded = tf.saved_model.load(str(path))
@@ -139,19 +134,11 @@ def reload_predictions(
             [runner(image=images[i : i + 1])["probabilities"] for i in range(len(images))]
         )
     model = keras.models.load_model(path, compile=False)
-    return reference_probabilities(model, images, model_name, mean, std)
+    return np.asarray(model(images, training=False))
 
 
-def verify(
-    fmt: str,
-    path: Path,
-    images: np.ndarray,
-    expected: np.ndarray,
-    model_name: str,
-    mean: float,
-    std: float,
-) -> float:
-    got = reload_predictions(fmt, path, images, model_name, mean, std)
+def verify(fmt: str, path: Path, images: np.ndarray, expected: np.ndarray) -> float:
+    got = reload_predictions(fmt, path, images)
     max_diff = float(np.max(np.abs(got - expected)))
     same_class = np.array_equal(np.argmax(got, -1), np.argmax(expected, -1))
     if not same_class or max_diff > TOLERANCE[fmt]:
@@ -183,6 +170,7 @@ def git_commit() -> str | None:
 
 def run_export(
     cfg: Config,
+    pixels: Pixels,
     data: Prepared,
     ckpt: checkpoint.Checkpoint,
     run_dir: Path,
@@ -207,16 +195,25 @@ def run_export(
                 f"{cfg.export.min_accuracy}. Train longer or lower the threshold."
             )
     steps_per_epoch = -(-len(data.arrays["y_train"]) // cfg.fit.batch_size)
+    trained = build_model(cfg.model, pixels)
+    restore_model(trained, ckpt.arrays)
     optimizer = make_optimizer(cfg.optimizer, steps_per_epoch, cfg.fit.epochs)
-    model = restore_training_model(cfg.model, optimizer, ckpt.arrays)
-    name, mean, std = cfg.model.name, data.mean, data.std
+    restore_optimizer(trained, optimizer, ckpt.arrays)
+    model = with_probabilities(trained)
+    # Compiled with the checkpoint's optimizer state: model.fit(raw_images, labels) on the
+    # loaded .keras file continues training where the run stopped.
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
     images = data.arrays["x_test"][:VERIFY_IMAGES]
-    expected = reference_probabilities(model, images, name, mean, std)
+    expected = np.asarray(model(images, training=False))
     diffs: dict[str, float] = {}
 
     def fill(tmp: Path) -> None:
-        write_saved_model(model, tmp, name, mean, std)
-        diffs["saved_model"] = verify("saved_model", tmp, images, expected, name, mean, std)
+        write_saved_model(model, tmp)
+        diffs["saved_model"] = verify("saved_model", tmp, images, expected)
         files = {"keras": tmp / "model.keras"}
         model.save(files["keras"])
         if cfg.export.h5:
@@ -226,7 +223,7 @@ def run_export(
             files["tflite"] = tmp / "model.tflite"
             write_tflite(tmp, files["tflite"])
         for fmt, path in files.items():
-            diffs[fmt] = verify(fmt, path, images, expected, name, mean, std)
+            diffs[fmt] = verify(fmt, path, images, expected)
         card = {
             "model_name": cfg.export.model_name,
             "checkpoint_step": ckpt.step,
@@ -234,10 +231,11 @@ def run_export(
             "data_fingerprint": data.fingerprint,
             "data_source": data.source,
             "test_metrics": metrics,
+            "keras_h5_tflite": "image uint8[N,28,28] raw pixels -> probabilities float32[N,10]",
             "signatures": {
                 "serving_default": "image uint8[N,28,28] raw pixels -> probabilities "
                 "float32[N,10], class_id int64[N]",
-                "serve_flat": "image float32[N,784] raw pixels 0-255 -> same outputs",
+                "serve_flat": "image float32[N,784] raw pixels 0-255 (rounded) -> same outputs",
                 "serve_examples": "examples: serialized tf.train.Example with float feature "
                 "'image' (784 raw pixels 0-255) -> same outputs",
             },

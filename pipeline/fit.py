@@ -23,10 +23,16 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import checkpoint, tblog
-from pipeline.config import CheckpointConfig, FitConfig, ModelConfig, OptimizerConfig
-from pipeline.data import Prepared, features
+from pipeline.config import (
+    CheckpointConfig,
+    FitConfig,
+    OptimizerConfig,
+    OptimizerName,
+    Schedule,
+)
+from pipeline.data import Prepared
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.model import build_model, inference_function
+from pipeline.models import ModelConfig, Pixels, after_restore, build_model, inference_function
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 1000
@@ -42,23 +48,71 @@ def permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor:
-    """Shift each image by its own random offset of up to `max_shift` pixels (zero fill).
+    """Shift each raw image `[N, 28, 28]` by its own random offset of up to `max_shift` pixels,
+    filling with black (0).
 
     The offsets are a pure function of `seed` (the run's seed and the step number), so an
     augmented run needs no RNG state to resume exactly.
     """
-    flat = len(images.shape) == 2
-    x = tf.reshape(images, (-1, 28, 28, 1)) if flat else images
     pad = max_shift
-    x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    x = tf.pad(images, [[0, 0], [pad, pad], [pad, pad]])
     offsets = tf.random.stateless_uniform(
         (tf.shape(x)[0], 2), seed=seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32
     )
     rows = offsets[:, :1] + tf.range(28)[None, :]
     cols = offsets[:, 1:] + tf.range(28)[None, :]
     x = tf.gather(x, rows, axis=1, batch_dims=1)
-    x = tf.gather(x, cols, axis=2, batch_dims=1)
-    return tf.reshape(x, (-1, 784)) if flat else x
+    return tf.gather(x, cols, axis=2, batch_dims=1)
+
+
+def _constant(cfg: OptimizerConfig, steps_per_epoch: int, total: int, warmup: int) -> Any:
+    return cfg.learning_rate
+
+
+def _cosine(cfg: OptimizerConfig, steps_per_epoch: int, total: int, warmup: int) -> Any:
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else cfg.learning_rate,
+        max(total - warmup, 1),
+        alpha=0.0,
+        warmup_target=cfg.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def _restarts(cfg: OptimizerConfig, steps_per_epoch: int, total: int, warmup: int) -> Any:
+    # Cosine cycles of cycle_epochs, 2x, 4x, ...: each cycle ends annealed, so the model is
+    # good early (end of the first cycle) and keeps improving in the longer ones.
+    return keras.optimizers.schedules.CosineDecayRestarts(
+        cfg.learning_rate,
+        max(int(cfg.cycle_epochs * steps_per_epoch), 1),
+        t_mul=2.0,
+        m_mul=1.0,
+        alpha=0.0,
+    )
+
+
+def _onecycle(cfg: OptimizerConfig, steps_per_epoch: int, total: int, warmup: int) -> Any:
+    return keras.optimizers.schedules.CosineDecay(
+        cfg.learning_rate / 25,
+        max(total - max(warmup, 1), 1),
+        alpha=0.0,
+        warmup_target=cfg.learning_rate,
+        warmup_steps=max(warmup, total // 4, 1),
+    )
+
+
+# optimizer.schedule=<name>: the learning rate as a function of the step (a pure function, so
+# resuming needs only the optimizer's iteration count).
+SCHEDULES: dict[Schedule, Callable[[OptimizerConfig, int, int, int], Any]] = {
+    Schedule.constant: _constant,
+    Schedule.cosine: _cosine,
+    Schedule.restarts: _restarts,
+    Schedule.onecycle: _onecycle,
+}
+OPTIMIZERS: dict[OptimizerName, Callable[[Any, OptimizerConfig], keras.optimizers.Optimizer]] = {
+    OptimizerName.adam: lambda lr, cfg: keras.optimizers.Adam(lr),
+    OptimizerName.sgd: lambda lr, cfg: keras.optimizers.SGD(lr, momentum=cfg.momentum),
+}
 
 
 def make_optimizer(
@@ -66,36 +120,8 @@ def make_optimizer(
 ) -> keras.optimizers.Optimizer:
     total = steps_per_epoch * epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    lr: Any = cfg.learning_rate
-    if cfg.schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup else cfg.learning_rate,
-            max(total - warmup, 1),
-            alpha=0.0,
-            warmup_target=cfg.learning_rate if warmup else None,
-            warmup_steps=warmup,
-        )
-    elif cfg.schedule == "restarts":
-        # Cosine cycles of cycle_epochs, 2x, 4x, ...: each cycle ends annealed, so the model is
-        # good early (end of the first cycle) and keeps improving in the longer ones.
-        lr = keras.optimizers.schedules.CosineDecayRestarts(
-            cfg.learning_rate,
-            max(int(cfg.cycle_epochs * steps_per_epoch), 1),
-            t_mul=2.0,
-            m_mul=1.0,
-            alpha=0.0,
-        )
-    elif cfg.schedule == "onecycle":
-        lr = keras.optimizers.schedules.CosineDecay(
-            cfg.learning_rate / 25,
-            max(total - max(warmup, 1), 1),
-            alpha=0.0,
-            warmup_target=cfg.learning_rate,
-            warmup_steps=max(warmup, total // 4, 1),
-        )
-    if cfg.name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
-    return keras.optimizers.Adam(lr)
+    lr = SCHEDULES[Schedule(cfg.schedule)](cfg, steps_per_epoch, total, warmup)
+    return OPTIMIZERS[OptimizerName(cfg.name)](lr, cfg)
 
 
 def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
@@ -129,19 +155,16 @@ class Trainer:
         fit_cfg: FitConfig,
         seed: int,
         data: Prepared,
+        pixels: Pixels,
     ) -> None:
         keras.utils.set_random_seed(seed)
         self.seed = seed
         self.fit_cfg = fit_cfg
-        self.model_name = model_cfg.name
-        self.mean_std = (data.mean, data.std)
-        self.x_train = tf.constant(
-            features(data.arrays["x_train"], model_cfg.name, data.mean, data.std)
-        )
+        self.x_train = tf.constant(data.arrays["x_train"])  # raw uint8: the model preprocesses
         self.y_train = tf.constant(data.arrays["y_train"])
         self.n_train = int(self.y_train.shape[0])
         self.steps_per_epoch = math.ceil(self.n_train / fit_cfg.batch_size)
-        self.model = build_model(model_cfg)
+        self.model = build_model(model_cfg, pixels)
         self.optimizer = make_optimizer(opt_cfg, self.steps_per_epoch, fit_cfg.epochs)
         # Built now, so restored optimizer state lands in real variables (Keras would
         # otherwise skip it and leave `iterations` at 0).
@@ -202,7 +225,7 @@ class Trainer:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """Loss and accuracy of the current weights on uint8 images `x` with labels `y`."""
-        return evaluate_logits(self._logits, x, y, self.model_name, self.mean_std)
+        return evaluate_logits(self._logits, x, y)
 
     # Serialization: every variable that influences the next update, keyed by position and path
     # so that a checkpoint from a different architecture is refused, not half-loaded.
@@ -227,6 +250,7 @@ class Trainer:
             )
         for name, var in variables:
             var.assign(arrays[name])
+        after_restore(self.model)
 
 
 def canonical_path(var: Any) -> str:
@@ -252,36 +276,24 @@ def _restore_group(group: str, variables: list, arrays: dict[str, np.ndarray]) -
 def restore_model(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
     """Load only the model's variables of a checkpoint (as Trainer saved them) into `model`."""
     _restore_group("model", model.variables, arrays)
+    after_restore(model)
 
 
-def restore_training_model(
-    model_cfg: ModelConfig, optimizer: keras.optimizers.Optimizer, arrays: dict[str, np.ndarray]
-) -> keras.Model:
-    """A compiled model with the checkpoint's weights and optimizer state (for .keras export,
-    from which training can continue)."""
-    model = build_model(model_cfg)
+def restore_optimizer(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, arrays: dict[str, np.ndarray]
+) -> None:
+    """Load a checkpoint's optimizer state into `optimizer`, built for `model`'s variables."""
     optimizer.build(model.trainable_variables)
-    restore_model(model, arrays)
     _restore_group("optimizer", optimizer.variables, arrays)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    return model
 
 
 def evaluate_logits(
-    logits_fn: Callable[[tf.Tensor], tf.Tensor],
-    x: np.ndarray,
-    y: np.ndarray,
-    model_name: str,
-    mean_std: tuple[float, float],
+    logits_fn: Callable[[tf.Tensor], tf.Tensor], x: np.ndarray, y: np.ndarray
 ) -> tuple[float, float]:
+    """Mean loss and accuracy of `logits_fn` on raw images `x` with labels `y`."""
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), EVAL_BATCH):
-        batch = features(x[start : start + EVAL_BATCH], model_name, *mean_std)
-        logits = logits_fn(tf.constant(batch))
+        logits = logits_fn(tf.constant(x[start : start + EVAL_BATCH]))
         labels = y[start : start + EVAL_BATCH]
         losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         loss_sum += float(tf.reduce_sum(tf.cast(losses, tf.float64)).numpy())
@@ -314,6 +326,7 @@ def run_fit(
     ckpt_cfg: CheckpointConfig,
     seed: int,
     data: Prepared,
+    pixels: Pixels,
     run_dir: Path,
     should_stop: Callable[[], bool] = lambda: False,
     scale: Any = None,
@@ -324,9 +337,9 @@ def run_fit(
     strategy; `run_dir` is then where this worker writes, and it restores from the chief's.
     """
     if scale is None:
-        trainer = Trainer(model_cfg, opt_cfg, fit_cfg, seed, data)
+        trainer = Trainer(model_cfg, opt_cfg, fit_cfg, seed, data, pixels)
     else:
-        trainer = scale.trainer(model_cfg, opt_cfg, fit_cfg, seed, data)
+        trainer = scale.trainer(model_cfg, opt_cfg, fit_cfg, seed, data, pixels)
         should_stop = scale.stop_flag(trainer, should_stop)
     ckpt_root = run_dir / "checkpoints"
     state = LoopState()

@@ -81,14 +81,11 @@ def hparam_values(run_dir: Path, which: str) -> dict[str, bool | int | float | s
     return values
 
 
-def model_graph_def(model: Any, input_shape: tuple[int, ...]) -> bytes:
+def model_graph_def(model: Any) -> bytes:
     """The serialized GraphDef of the model's inference function (one cheap trace)."""
-    import tensorflow as tf
+    from pipeline.models import inference_function
 
-    fn = tf.function(lambda x: model(x, training=False))
-    concrete = fn.get_concrete_function(
-        tf.TensorSpec([None, *input_shape], tf.float32, name="image")
-    )
+    concrete = inference_function(model).get_concrete_function()
     return concrete.graph.as_graph_def().SerializeToString()
 
 

@@ -14,6 +14,7 @@ outputs/<run name>/
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -42,6 +43,10 @@ ARTIFACTS = (
 )
 
 
+# flock() errors of a filesystem without locking (NFS without a lock manager, some FUSE ones).
+NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 class RunLock:
     """An exclusive flock on `<run>/.lock`. The kernel drops it when the holder dies, so a lock
     left by a killed process is simply free: no stale-lock heuristics are needed."""
@@ -51,7 +56,7 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,6 +68,16 @@ class RunLock:
                 f"{holder.get('host', '?')} since {holder.get('started', '?')}. Wait for it to "
                 "finish, stop it, or use another run.name=..."
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in NO_LOCKING:
+                raise PipelineError(
+                    f"The filesystem of {self.path.parent} does not support file locking "
+                    f"(flock: {exc.strerror}), which keeps a second process off a run; it is "
+                    "often a network filesystem. Put run.outputs on a local disk, e.g. "
+                    "run.outputs=/tmp/outputs (or mount it with locking enabled)."
+                ) from None
+            raise
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -125,6 +140,10 @@ def is_running(run_dir: Path) -> bool:
         return False
     except BlockingIOError:
         return True
+    except OSError as exc:
+        if exc.errno in NO_LOCKING:
+            return False  # no locking here: nobody can hold the run, `status` reads the record
+        raise
     finally:
         os.close(fd)
 
@@ -136,6 +155,13 @@ def restart(run_dir: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+# The version of what a run directory holds (checkpoint variables, layout). A run written in
+# another format is refused, never half-loaded. Format 2: models take raw pixels and own their
+# preprocessing (format 1, pipeline 0.1.x, normalized the data outside the model).
+RUN_FORMAT = 2
+LAST_RELEASE_OF_FORMAT = {1: "pipeline 0.1.x"}
 
 
 def check_identity(
@@ -151,16 +177,31 @@ def check_identity(
     record_path = run_dir / "run.json"
     if not record_path.exists():
         durable.write_record(
-            record_path, {"identity": identity, "config": full_config, "created": time.time()}
+            record_path,
+            {
+                "format": RUN_FORMAT,
+                "identity": identity,
+                "config": full_config,
+                "created": time.time(),
+            },
         )
         return
     try:
-        stored = durable.read_record(record_path)["identity"]
+        record = durable.read_record(record_path)
+        stored = record["identity"]
     except (durable.CorruptArtifact, KeyError, TypeError) as exc:
         raise PipelineError(
             f"{record_path} is damaged ({exc}), so this run's config cannot be "
             "checked. Restore it, or start over with run.restart=true"
         ) from exc
+    found = record.get("format", 1)
+    if found != RUN_FORMAT:
+        reader = LAST_RELEASE_OF_FORMAT.get(found, "a newer pipeline")
+        raise ConfigError(
+            f"Run {run_dir} was written in run format {found}; this pipeline reads format "
+            f"{RUN_FORMAT} only. Start it over with run.restart=true, or continue it with "
+            f"{reader}."
+        )
     stored = {**{k: v for k, v in (defaults or {}).items() if k in identity}, **stored}
     diffs = [
         f"{key}: {stored.get(key, '<unset>')!r} -> {identity.get(key, '<unset>')!r}"

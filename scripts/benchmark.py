@@ -643,26 +643,23 @@ def score_checkpoints_worker(run_dir: Path) -> None:
     """Print the test accuracy of every epoch-end checkpoint of a run, with the epoch's
     train_seconds from the newest checkpoint's loop history."""
     import numpy as np
-    import tensorflow as tf
 
-    from pipeline import checkpoint, durable
-    from pipeline.config import ModelConfig
+    from pipeline import checkpoint, durable, models
     from pipeline.fit import evaluate_logits, restore_model
-    from pipeline.model import build_model
 
-    model_cfg = ModelConfig(**durable.read_record(run_dir / "run.json")["config"]["model"])
-    data_meta = durable.verify_dir(run_dir / "data")
+    stored = durable.read_record(run_dir / "run.json")["config"]["model"]
+    model_cfg = models.config_class(stored["name"])(**stored)
+    durable.verify_dir(run_dir / "data")
     with np.load(run_dir / "data" / "prepared.npz") as npz:
         x_test, y_test = npz["x_test"], npz["y_test"]
     root = run_dir / "checkpoints"
-    model = build_model(model_cfg)
-    logits = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    # Built with default pixel statistics: restoring a checkpoint brings the run's own.
+    model = models.build_model(model_cfg)
+    logits = models.inference_function(model)
     rows = []
     for row in newest_checkpoint_history(run_dir):
         restore_model(model, checkpoint.load(checkpoint.path_for(root, row["step"])).arrays)
-        _, accuracy = evaluate_logits(
-            logits, x_test, y_test, model_cfg.name, (data_meta["mean"], data_meta["std"])
-        )
+        _, accuracy = evaluate_logits(logits, x_test, y_test)
         rows.append(
             {
                 "epoch": row["epoch"],
@@ -691,7 +688,9 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
         cfg = to_config(compose("config", overrides=overrides))
     with tempfile.TemporaryDirectory() as cache:
         data = prepare_run_data(cfg.data, Path(cache) / "data")
-    trainer = Trainer(cfg.model, cfg.optimizer, cfg.fit, cfg.seed, data)
+    trainer = Trainer(
+        cfg.model, cfg.optimizer, cfg.fit, cfg.seed, data, data.pixels(cfg.data.normalize)
+    )
     batch = min(cfg.fit.batch_size, trainer.n_train)
 
     def shuffled_batches() -> Iterator[Any]:

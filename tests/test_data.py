@@ -362,16 +362,10 @@ def test_pixel_stats_match_float64_computation(arrays: dict[str, np.ndarray]) ->
 
 
 def prepare(path: Path, cache: Path, **overrides):
-    args = {"train_size": 50, "test_size": 10, "val_fraction": 0.2, "normalize": "standardize"}
+    args = {"train_size": 50, "test_size": 10, "val_fraction": 0.2}
     args.update(overrides)
     return data.prepare(
-        "mnist",
-        str(path),
-        args["train_size"],
-        args["test_size"],
-        args["val_fraction"],
-        args["normalize"],
-        cache,
+        "mnist", str(path), args["train_size"], args["test_size"], args["val_fraction"], cache
     )
 
 
@@ -398,15 +392,16 @@ def test_prepare_writes_a_verified_cache(tmp_path: Path, arrays: dict[str, np.nd
         "train_size": 50,
         "test_size": 10,
         "val_fraction": 0.2,
-        "normalize": "standardize",
     }
     assert sorted(p.name for p in cache.iterdir()) == ["MANIFEST.json", "prepared.npz"]
 
 
-def test_prepare_scale_uses_identity_stats(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+def test_prepared_data_stays_raw_pixels(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    # Models own their preprocessing: the data stage never scales or normalizes.
     source = write_npz(tmp_path / "mnist.npz", arrays)
-    prepared = prepare(source, tmp_path / "data", normalize="scale")
-    assert (prepared.mean, prepared.std) == (0.0, 1.0)
+    prepared = prepare(source, tmp_path / "data")
+    assert prepared.arrays["x_train"].dtype == np.uint8
+    assert np.array_equal(prepared.arrays["x_train"], arrays["x_train"][:40])
 
 
 def test_prepare_reuses_cache(
@@ -484,39 +479,6 @@ def test_prepare_sets_aside_corrupt_cache(tmp_path: Path, arrays: dict[str, np.n
     assert_same(second.arrays, first.arrays)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "data.corrupt", "mnist.npz"]
     durable.verify_dir(cache)
-
-
-# ---------------------------------------------------------------- features
-
-
-def test_features_mlp(arrays: dict[str, np.ndarray]) -> None:
-    x = arrays["x_train"][:7]
-    out = data.features(x, "mlp", 0.0, 1.0)
-    assert out.shape == (7, 784) and out.dtype == np.float32
-    assert out.min() >= 0.0 and out.max() <= 1.0
-    assert np.allclose(out, x.reshape(7, 784) / 255.0, atol=1e-7)
-    assert x.dtype == np.uint8  # the input is not changed
-
-
-def test_features_cnn() -> None:
-    x = np.zeros((3, 28, 28), dtype=np.uint8)
-    x[1] = 255
-    x[2, 5, 6] = 51
-    out = data.features(x, "cnn", 0.0, 1.0)
-    assert out.shape == (3, 28, 28, 1) and out.dtype == np.float32
-    assert out[0].max() == 0.0 and out[1].min() == 1.0
-    assert out[2, 5, 6, 0] == pytest.approx(0.2, abs=1e-7)
-    assert np.count_nonzero(out[2]) == 1
-
-
-def test_features_standardized(arrays: dict[str, np.ndarray]) -> None:
-    x = arrays["x_train"]
-    mean, std = data.pixel_stats(x)
-    out = data.features(x, "cnn", mean, std)
-    assert out.dtype == np.float32
-    assert float(out.mean()) == pytest.approx(0.0, abs=1e-5)
-    assert float(out.std()) == pytest.approx(1.0, abs=1e-5)
-    assert np.allclose(out[..., 0], (x / 255.0 - mean) / std, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the bundled sample

@@ -1,0 +1,92 @@
+"""pipeline.models: every model takes raw uint8 pixels and owns its preprocessing; registries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import fit, models
+from pipeline.config import Schedule
+from pipeline.errors import ConfigError
+from pipeline.models import Pixels, build_model, check_model, config_class
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+
+
+def layer_output(model: keras.Model, layer: str, x: np.ndarray) -> np.ndarray:
+    probe = keras.Model(model.input, model.get_layer(layer).output)
+    return np.asarray(probe(x))
+
+
+def test_every_config_file_has_a_builder_and_every_builder_a_config_file() -> None:
+    files = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+    assert files == models.names() == ["cnn", "custom", "mlp"]
+
+
+def test_every_schedule_has_an_implementation() -> None:
+    assert set(fit.SCHEDULES) == set(Schedule)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_models_take_raw_uint8_pixels(name: str, images: np.ndarray) -> None:
+    model = build_model(config_class(name)())
+    assert model.inputs[0].dtype == "uint8" and tuple(model.input_shape) == (None, 28, 28)
+    assert tuple(model.output_shape) == (None, 10)
+    assert np.asarray(model(images, training=False)).shape == (5, 10)
+
+
+def test_mlp_scales_and_flattens_inside_the_model(images: np.ndarray) -> None:
+    # The tutorial's math: flat 784 values divided by 255.
+    model = build_model(config_class("mlp")())
+    flat = layer_output(model, "flat", images)
+    assert flat.dtype == np.float32 and flat.shape == (5, 784)
+    np.testing.assert_allclose(flat, images.reshape(5, 784) / 255.0, rtol=1e-6)
+
+
+def test_standardize_uses_the_training_statistics(images: np.ndarray) -> None:
+    model = build_model(config_class("cnn")(), Pixels("standardize", 0.13, 0.31))
+    out = layer_output(model, "channels", images)[..., 0]
+    np.testing.assert_allclose(out, (images / 255.0 - 0.13) / 0.31, rtol=1e-5, atol=1e-5)
+
+
+def test_standardization_lives_in_the_weights(images: np.ndarray) -> None:
+    # A model built without the statistics gets them back from a checkpoint's arrays.
+    trained = build_model(config_class("mlp")(), Pixels("standardize", 0.2, 0.4))
+    arrays = {
+        f"model/{i:04d}/{fit.canonical_path(v)}": np.asarray(v)
+        for i, v in enumerate(trained.variables)
+    }
+    fresh = build_model(config_class("mlp")(), Pixels("standardize"))
+    fit.restore_model(fresh, arrays)
+    np.testing.assert_array_equal(
+        np.asarray(fresh(images, training=False)), np.asarray(trained(images, training=False))
+    )
+
+
+def test_probabilities_head(images: np.ndarray) -> None:
+    model = build_model(config_class("mlp")())
+    probs = np.asarray(models.with_probabilities(model)(images, training=False))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(
+        probs.argmax(1), np.asarray(model(images, training=False)).argmax(1)
+    )
+
+
+def test_check_model_names_the_problem() -> None:
+    flat = keras.Input((784,))
+    with pytest.raises(ConfigError, match=r"mine takes inputs of shape \[\(None, 784\)\]"):
+        check_model(keras.Model(flat, keras.layers.Dense(10)(flat)), "mine")
+    image = keras.Input((28, 28), dtype="uint8")
+    wrong = keras.layers.Dense(3)(keras.layers.Flatten()(image))
+    with pytest.raises(ConfigError, match=r"mine returns outputs of shape \[\(None, 3\)\]"):
+        check_model(keras.Model(image, wrong), "mine")
+    with pytest.raises(ConfigError, match="mine returned int, not a keras.Model"):
+        check_model(3, "mine")
