@@ -105,7 +105,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = "latest"  # latest | best
+    checkpoint: str = "latest"  # latest | best | a step number (also for export)
 
 
 @dataclass
@@ -253,10 +253,11 @@ def validate(cfg: Config) -> None:
     _check(e, c.keep >= 1, "checkpoint.keep", c.keep, "an integer >= 1")
     _check(
         e,
-        cfg.evaluate.checkpoint in ("latest", "best"),
+        str(cfg.evaluate.checkpoint) in ("latest", "best")
+        or str(cfg.evaluate.checkpoint).isdigit(),
         "evaluate.checkpoint",
         cfg.evaluate.checkpoint,
-        "latest or best",
+        "latest, best or a checkpoint's step number",
     )
     x = cfg.export
     _check(

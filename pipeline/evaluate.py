@@ -18,9 +18,11 @@ from pipeline.models import ModelConfig, Pixels, build_model, inference_function
 log = logging.getLogger(__name__)
 
 
-def choose_checkpoint(ckpt_root: Path, which: str) -> checkpoint.Checkpoint:
-    """The latest good checkpoint, or with which=best the best one it records."""
-    latest = checkpoint.load_latest(ckpt_root)
+def choose_checkpoint(ckpt_root: Path, which: str, owner: bool = True) -> checkpoint.Checkpoint:
+    """The latest good checkpoint; with which=best the best one it records; with a step number
+    that step's. A reader that does not own the run (`owner=False`, e.g. a notebook) leaves
+    damaged checkpoints where they are."""
+    latest = checkpoint.load_latest(ckpt_root, owner=owner)
     if latest is None:
         raise PipelineError(
             f"No checkpoint to evaluate in {ckpt_root}. Run the fit stage first "
@@ -28,16 +30,22 @@ def choose_checkpoint(ckpt_root: Path, which: str) -> checkpoint.Checkpoint:
         )
     if which == "latest":
         return latest
-    best_step = latest.meta["loop"].get("best_step")
-    if best_step is None or best_step == latest.step:
-        return latest
-    best = checkpoint.load_latest(ckpt_root, only_step=best_step)
-    if best is None:
+    if which == "best":
+        step = latest.meta["loop"].get("best_step")
+        if step is None or step == latest.step:
+            return latest
+    else:
+        step = int(which)
+        if step == latest.step:
+            return latest
+    chosen = checkpoint.load_latest(ckpt_root, only_step=step, owner=owner)
+    if chosen is None:
+        kept = checkpoint.committed_steps(ckpt_root)
         raise PipelineError(
-            f"The best checkpoint (step {best_step}) is missing or damaged in "
-            f"{ckpt_root}; use evaluate.checkpoint=latest."
+            f"Checkpoint step {step} ({which}) is missing or damaged in {ckpt_root}; the run "
+            f"keeps steps {kept}. Use evaluate.checkpoint=latest, best or one of those."
         )
-    return best
+    return chosen
 
 
 def run_evaluate(

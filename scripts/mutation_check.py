@@ -92,7 +92,7 @@ MUTATIONS = [
         "op determinism set up only when the trainer is built (evaluate in a fresh process)",
         (
             (
-                "pipeline/model.py",
+                "pipeline/models/__init__.py",
                 "    tf.config.experimental.enable_op_determinism()\n",
                 "",
             ),
@@ -228,6 +228,43 @@ MUTATIONS = [
                 '        with open(tmp, "rb+") as handle:\n            os.fsync(handle.fileno())\n'
                 '        failpoint("file_after_fsync")\n',
                 '        failpoint("file_after_fsync")\n',
+            ),
+        ),
+        ("tests/test_power_cut.py",),
+    ),
+    Mutation(
+        "commit-file-fsync",
+        "commit_dir renames a directory without fsyncing the files in it",
+        (
+            (
+                "pipeline/durable.py",
+                '            with open(path, "rb+") as handle:\n'
+                "                os.fsync(handle.fileno())\n",
+                "",
+            ),
+        ),
+        ("tests/test_power_cut.py",),
+    ),
+    Mutation(
+        "manifest-fsync",
+        "commit_dir does not fsync the MANIFEST.json it writes",
+        (
+            (
+                "pipeline/durable.py",
+                "            handle.flush()\n            os.fsync(handle.fileno())\n",
+                "            handle.flush()\n",
+            ),
+        ),
+        ("tests/test_power_cut.py",),
+    ),
+    Mutation(
+        "tmp-dir-fsync",
+        "commit_dir renames the temporary directory without fsyncing its listing first",
+        (
+            (
+                "pipeline/durable.py",
+                '        fsync_dir(tmp)\n        failpoint("dir_before_rename")\n',
+                '        failpoint("dir_before_rename")\n',
             ),
         ),
         ("tests/test_power_cut.py",),
