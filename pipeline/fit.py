@@ -254,9 +254,11 @@ class Trainer:
 
 
 def canonical_path(var: Any) -> str:
-    """A variable's path without Keras' per-process uniquifying suffixes (`seed_generator_1`),
-    so the same architecture gives the same names in every process."""
-    return re.sub(r"_\d+(?=/|$)", "", var.path if hasattr(var, "path") else var.name)
+    """A variable's path without Keras' per-process uniquifying suffixes (`seed_generator_1`,
+    `dense_3/kernel`, and inside optimizer variable names `adam/dense_3_kernel_momentum`), so
+    the same architecture gives the same names in every process, however many models the
+    process built before (auto-named layers of a custom model included)."""
+    return re.sub(r"_\d+(?=[/_]|$)", "", var.path if hasattr(var, "path") else var.name)
 
 
 def _restore_group(group: str, variables: list, arrays: dict[str, np.ndarray]) -> None:
