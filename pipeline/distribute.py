@@ -212,10 +212,7 @@ class DistributedTrainer(_trainer_base()):  # type: ignore[misc]
         return current_lr(self.optimizer)
 
     def _replica_step(self, indices: Any, stop: Any) -> tuple:
-        import keras
         import tensorflow as tf
-
-        from pipeline.fit import random_shift
 
         ctx = tf.distribute.get_replica_context()
         replica = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
@@ -223,32 +220,10 @@ class DistributedTrainer(_trainer_base()):  # type: ignore[misc]
         base, extra = divmod(n, self.replicas)
         start = replica * base + tf.minimum(replica, extra)
         size = base + tf.cast(replica < extra, tf.int32)
-        x = tf.gather(self.x_train, indices)
-        y = tf.gather(self.y_train, indices)
-        if self.fit_cfg.augment_shift:  # on the global batch: the single-device shifts
-            x = random_shift(
-                x,
-                self.fit_cfg.augment_shift,
-                tf.stack(
-                    [tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)]
-                ),
-            )
-        x, y = x[start : start + size], y[start : start + size]  # this replica's slice
-        with tf.GradientTape() as tape:
-            logits = self.model(x, training=True)
-            losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            loss = tf.reduce_sum(losses) / n  # summed over replicas: the global batch's mean
-        grads = tape.gradient(loss, self.model.trainable_variables)
-        self.optimizer.apply(grads, self.model.trainable_variables)
-        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int64), tf.cast(y, tf.int64))
+        x, y = self._batch(indices)  # the global batch (and its single-device shifts)
+        sums = self._learn(x[start : start + size], y[start : start + size], n)
         stats = [tf.identity(v.value) for v in self._averaged]
-        return stats, (
-            tf.reduce_sum(tf.cast(losses, tf.float64)),
-            tf.reduce_sum(tf.cast(hits, tf.int64)),
-            tf.size(y, out_type=tf.int64),
-            tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int64),
-            tf.cast(stop, tf.int64),
-        )
+        return stats, (*sums, tf.cast(stop, tf.int64))
 
     def _global_step(self, indices: Any, stop: Any) -> Any:
         import tensorflow as tf
@@ -256,15 +231,10 @@ class DistributedTrainer(_trainer_base()):  # type: ignore[misc]
         stats, sums = self.strategy.run(self._replica_step, args=(indices, stop))
         for var, value in zip(self._averaged, stats, strict=True):
             var.assign(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None))
-        loss_sum, correct, seen, bad, stops = [
+        *reduced, stops = [
             self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums
         ]
-        step = tf.cast(self.optimizer.iterations, tf.int64)
-        first = tf.logical_and(bad > 0, tf.equal(self.first_bad_step, 0))
-        self.first_bad_step.assign(tf.where(first, step, self.first_bad_step))
-        self.loss_sum.assign_add(loss_sum)
-        self.correct_sum.assign_add(correct)
-        self.seen.assign_add(seen)
+        self._record(*reduced)
         return stops
 
     def train_step(self, indices: Any) -> None:

@@ -184,33 +184,50 @@ class Trainer:
         }
         self._logits = inference_function(self.model)
 
-    def _step(self, indices: tf.Tensor) -> None:
+    # The training step, in three parts shared with distribute.DistributedTrainer (which runs
+    # `_learn` on each replica's share of the batch and `_record` on the reduced sums).
+    def _batch(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The images (augmented) and labels of one global batch."""
         x = tf.gather(self.x_train, indices)
         y = tf.gather(self.y_train, indices)
         if self.fit_cfg.augment_shift:
-            x = random_shift(
-                x,
-                self.fit_cfg.augment_shift,
-                tf.stack(
-                    [tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)]
-                ),
-            )
+            step = tf.cast(self.optimizer.iterations, tf.int64)
+            seed = tf.stack([tf.constant(self.seed, tf.int64), step])
+            x = random_shift(x, self.fit_cfg.augment_shift, seed)
+        return x, y
+
+    def _learn(self, x: tf.Tensor, y: tf.Tensor, batch_size: Any) -> tuple[tf.Tensor, ...]:
+        """One optimizer update from `x`, `y` (all or a replica's share of a batch of
+        `batch_size`); returns the summed loss, hits, count and whether the loss is finite."""
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
             losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            loss = tf.reduce_mean(losses)
+            # Summed over the replicas, the global batch's mean loss.
+            loss = tf.reduce_sum(losses) / tf.cast(batch_size, losses.dtype)
         grads = tape.gradient(loss, self.model.trainable_variables)
         self.optimizer.apply(grads, self.model.trainable_variables)
-        # The step number after this update; recorded once, at the first non-finite loss.
-        step = tf.cast(self.optimizer.iterations, tf.int64)
-        bad = tf.logical_and(
-            tf.logical_not(tf.math.is_finite(loss)), tf.equal(self.first_bad_step, 0)
-        )
-        self.first_bad_step.assign(tf.where(bad, step, self.first_bad_step))
-        self.loss_sum.assign_add(tf.reduce_sum(tf.cast(losses, tf.float64)))
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int64), tf.cast(y, tf.int64))
-        self.correct_sum.assign_add(tf.reduce_sum(tf.cast(hits, tf.int64)))
-        self.seen.assign_add(tf.size(y, out_type=tf.int64))
+        return (
+            tf.reduce_sum(tf.cast(losses, tf.float64)),
+            tf.reduce_sum(tf.cast(hits, tf.int64)),
+            tf.size(y, out_type=tf.int64),
+            tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int64),
+        )
+
+    def _record(
+        self, loss_sum: tf.Tensor, correct: tf.Tensor, seen: tf.Tensor, bad: tf.Tensor
+    ) -> None:
+        """Add a step's sums to the epoch's accumulators; note the first non-finite loss."""
+        step = tf.cast(self.optimizer.iterations, tf.int64)  # the step after this update
+        first = tf.logical_and(bad > 0, tf.equal(self.first_bad_step, 0))
+        self.first_bad_step.assign(tf.where(first, step, self.first_bad_step))
+        self.loss_sum.assign_add(loss_sum)
+        self.correct_sum.assign_add(correct)
+        self.seen.assign_add(seen)
+
+    def _step(self, indices: tf.Tensor) -> None:
+        x, y = self._batch(indices)
+        self._record(*self._learn(x, y, tf.size(y)))
 
     def train_step(self, indices: np.ndarray) -> None:
         self._steps[len(indices)](tf.constant(indices))
