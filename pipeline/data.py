@@ -12,13 +12,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import durable
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, Dataset
 from pipeline.errors import PipelineError
 from pipeline.models import Pixels
 
@@ -172,9 +173,48 @@ def hash_arrays(arrays: dict[str, np.ndarray]) -> str:
 def _keras_download(name: str) -> dict[str, np.ndarray]:
     import keras  # imported here: only this source needs it
 
-    module = keras.datasets.mnist if name == "mnist" else keras.datasets.fashion_mnist
+    module = getattr(keras.datasets, name)
     (x_train, y_train), (x_test, y_test) = module.load_data()
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _bundled_sample() -> tuple[dict[str, np.ndarray], str, str]:
+    return read_npz(SAMPLE_PATH), hash_files([SAMPLE_PATH]), f"bundled sample {SAMPLE_PATH.name}"
+
+
+def _download(name: str, offline_sample: bool) -> tuple[dict[str, np.ndarray], str, str]:
+    """Keras' cached or downloaded copy; offline, the bundled sample if `offline_sample`."""
+    try:
+        arrays = _keras_download(name)
+    except Exception as exc:  # Keras raises a bare Exception for a failed download
+        if not offline_sample:
+            raise DataError(
+                f"Could not download {name} ({exc}). Download it on a machine "
+                "with internet access and pass data.path=<file.npz or IDX dir>"
+            ) from exc
+        log.warning(
+            "\n%s\nOFFLINE: could not download MNIST (%s).\nTraining on the SMALL sample "
+            "shipped with the package (%s), not the full dataset.\nFor the full set, copy "
+            "mnist.npz from a machine with internet access and pass data.path=/path/to/"
+            "mnist.npz, or put it in ~/.keras/datasets/.\n%s",
+            "!" * 78,
+            type(exc).__name__,
+            SAMPLE_PATH.name,
+            "!" * 78,
+        )
+        arrays, digest, origin = _bundled_sample()
+        return arrays, digest, f"{origin} (offline)"
+    check_arrays(arrays, f"Keras {name} download")
+    return arrays, hash_arrays(arrays), f"Keras {name} cache"
+
+
+# data=<name> without data.path: where each dataset comes from (a test checks every Dataset has
+# an entry). Any MNIST-shaped dataset also works through data.path with no entry at all.
+SOURCES: dict[Dataset, Callable[[], tuple[dict[str, np.ndarray], str, str]]] = {
+    Dataset.mnist: lambda: _download("mnist", offline_sample=True),
+    Dataset.fashion_mnist: lambda: _download("fashion_mnist", offline_sample=False),
+    Dataset.sample: _bundled_sample,
+}
 
 
 def load_source(name: str, path: str | None) -> tuple[dict[str, np.ndarray], str, str]:
@@ -194,31 +234,7 @@ def load_source(name: str, path: str | None) -> tuple[dict[str, np.ndarray], str
             )
         check_arrays(arrays, origin)
         return arrays, hash_files(files), origin
-    if name == "sample":
-        arrays = read_npz(SAMPLE_PATH)
-        return arrays, hash_files([SAMPLE_PATH]), f"bundled sample {SAMPLE_PATH.name}"
-    try:
-        arrays = _keras_download(name)
-    except Exception as exc:  # Keras raises a bare Exception for a failed download
-        if name != "mnist":
-            raise DataError(
-                f"Could not download {name} ({exc}). Download it on a machine "
-                "with internet access and pass data.path=<file.npz or IDX dir>"
-            ) from exc
-        log.warning(
-            "\n%s\nOFFLINE: could not download MNIST (%s).\nTraining on the SMALL sample "
-            "shipped with the package (%s), not the full dataset.\nFor the full set, copy "
-            "mnist.npz from a machine with internet access and pass data.path=/path/to/"
-            "mnist.npz, or put it in ~/.keras/datasets/.\n%s",
-            "!" * 78,
-            type(exc).__name__,
-            SAMPLE_PATH.name,
-            "!" * 78,
-        )
-        arrays = read_npz(SAMPLE_PATH)
-        return arrays, hash_files([SAMPLE_PATH]), f"bundled sample {SAMPLE_PATH.name} (offline)"
-    check_arrays(arrays, f"Keras {name} download")
-    return arrays, hash_arrays(arrays), f"Keras {name} cache"
+    return SOURCES[Dataset(name)]()
 
 
 # ---------------------------------------------------------------- preparing and caching
