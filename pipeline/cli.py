@@ -132,6 +132,9 @@ class Stages:
             return
         from pipeline.fit import run_fit
 
+        # Fit cuts TensorBoard events written after the checkpoint it resumes from, evaluate's
+        # included: an earlier evaluation no longer stands, even of the same final step.
+        rundir.clear_stage(self.run_dir, "evaluate")
         c = self.cfg
         started = time.monotonic()
         self.stop.graceful = True
@@ -268,6 +271,10 @@ def hydra_main(dict_cfg: DictConfig) -> None:
     scale = None
     try:
         scale = set_up_strategy(cfg, run_dir)
+        if scale is not None:
+            # MultiWorkerMirroredStrategy installs TensorFlow's own SIGTERM handler (its
+            # preemption notifier); ours must get SIGTERM, or a worker ignores it.
+            signal.signal(signal.SIGTERM, stop._handle)
         run_command(cfg, scale.work_dir if scale else run_dir, stop, scale)
     except PipelineError as exc:
         log.debug("failed", exc_info=True)

@@ -136,6 +136,18 @@ MUTATIONS = [
         (f"{RESUME}::test_finished_fit_with_a_damaged_final_checkpoint_is_resumed_not_trusted",),
     ),
     Mutation(
+        "evaluation-kept-after-fit",
+        "an evaluation is kept although a resumed fit cut its TensorBoard events",
+        (
+            (
+                "pipeline/cli.py",
+                '        rundir.clear_stage(self.run_dir, "evaluate")\n',
+                "",
+            ),
+        ),
+        (f"{RESUME}::test_finished_fit_with_a_damaged_final_checkpoint_is_resumed_not_trusted",),
+    ),
+    Mutation(
         "no-lock",
         "the run lock is never taken: a second process runs on the same run",
         (

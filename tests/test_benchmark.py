@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_MNIST
+from conftest import shared_mnist
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
-SAMPLE = Path(__file__).resolve().parent.parent / "pipeline" / "sample" / "mnist_sample.npz"
 
 
 def load_benchmark():
@@ -119,7 +118,7 @@ def test_config_error_figure_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_every_figure_on_tiny_data(tmp_path: Path) -> None:
-    data = SHARED_MNIST if SHARED_MNIST.exists() else SAMPLE
+    data = shared_mnist()
     result, report = benchmark(
         tmp_path,
         "--quick",
@@ -134,6 +133,7 @@ def test_every_figure_on_tiny_data(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert not report["errors"]
+    assert report["data"]["path"] == str(data)  # every side ran on the full MNIST file
     assert [f["number"] for f in report["figures"]] == list(range(1, 9))
     for figure in report["figures"]:
         assert figure["pairs"] == 1, figure

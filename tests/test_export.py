@@ -249,12 +249,29 @@ def test_model_card(reference_run: tuple[Path, str], reference_export: Path) -> 
         assert durable.sha256_file(reference_export / name) == digest, name
 
 
+def test_keras_and_h5_files_give_the_saved_model_probabilities(good: Path) -> None:
+    # Every format is the same model: raw uint8 pixels [N, 28, 28] -> probabilities. Loaded with
+    # Keras alone, `.keras` and `.h5` must classify real test images as the SavedModel does.
+    import keras
+    import tensorflow as tf
+
+    version = good / "export" / "mnist" / "1"
+    x, y = held_out(good)
+    served = tf.saved_model.load(str(version)).signatures["serving_default"](image=tf.constant(x))
+    expected, expected_class = served["probabilities"].numpy(), served["class_id"].numpy()
+    assert float(np.mean(expected_class == y)) > 0.85  # a real model on real digits
+    for name in ("model.keras", "model.h5"):
+        model = keras.models.load_model(version / name, compile=False)
+        assert (str(model.inputs[0].dtype), model.input_shape) == ("uint8", (None, 28, 28)), name
+        probabilities = np.asarray(model(x, training=False))
+        assert np.array_equal(np.argmax(probabilities, -1), expected_class), name
+        assert float(np.max(np.abs(probabilities - expected))) <= 1e-5, name
+
+
 def test_keras_file_reloads_with_optimizer_state(
     reference_run: tuple[Path, str], reference_export: Path
 ) -> None:
     import keras
-
-    from pipeline.data import features
 
     step = json.loads((reference_export / "model_card.json").read_text())["checkpoint_step"]
     model = keras.models.load_model(reference_export / "model.keras")
@@ -264,7 +281,7 @@ def test_keras_file_reloads_with_optimizer_state(
     # Training continues from there: one more step on real images counts as step 31.
     with np.load(reference_run[0] / "data" / "prepared.npz") as npz:
         x, y = npz["x_train"][:50], npz["y_train"][:50]
-    model.train_on_batch(features(x, "cnn", 0.0, 1.0), y)
+    model.train_on_batch(x, y)  # raw pixels: the model owns its preprocessing
     assert int(model.optimizer.iterations.numpy()) == 31
 
 
@@ -305,3 +322,71 @@ def test_export_is_idempotent_and_more_training_adds_a_version(
     card = json.loads((model_root / "2" / "model_card.json").read_text())
     assert card["checkpoint_step"] == 40
     assert durable.verify_dir(model_root / "2")["checkpoint_step"] == 40
+
+
+# Loaded by Python at start-up (through PYTHONPATH) in the export process: the format named by
+# TEST_BREAK_EXPORT is written from a copy of the model whose weights are 0.1% off, the way a
+# faulty converter would. Only the export check can tell.
+BREAK_ONE_FORMAT = """
+import os
+
+import keras
+import numpy as np
+
+from pipeline import export
+
+FORMAT = os.environ["TEST_BREAK_EXPORT"]
+
+
+def perturbed(model):
+    clone = keras.models.clone_model(model)
+    clone.set_weights(
+        [w * np.float32(1.001) if w.dtype.kind == "f" else w for w in model.get_weights()]
+    )
+    return clone
+
+
+if FORMAT == "saved_model":
+    write_saved_model = export.write_saved_model
+    export.write_saved_model = lambda model, *args: write_saved_model(perturbed(model), *args)
+else:
+    save = keras.Model.save
+
+    def save_one_wrong(self, filepath, *args, **kwargs):
+        model = perturbed(self) if str(filepath).endswith("." + FORMAT) else self
+        return save(model, filepath, *args, **kwargs)
+
+    keras.Model.save = save_one_wrong
+"""
+
+
+@pytest.mark.parametrize("fmt", ["saved_model", "h5"])  # the first format checked, and a later one
+def test_an_export_that_fails_its_check_is_not_published(
+    tmp_path: Path, reference_run: tuple[Path, str], fmt: str
+) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(BREAK_ONE_FORMAT)
+    run_dir = copy_run(reference_run[0], tmp_path, with_export=False)
+    (run_dir / "stages" / "export.json").unlink()
+    model_root = run_dir / "export" / "mnist"
+    python_path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    env = {"PYTHONPATH": python_path, "TEST_BREAK_EXPORT": fmt}
+    result = cli(["export", *SMALL], tmp_path, env=env)
+    assert result.returncode == 1, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: Export check failed for {fmt} ("), message
+    assert "max probability difference" in message and "Nothing was published." in message
+    assert "Traceback" not in result.stderr
+    assert not model_root.exists() or not list(model_root.iterdir())  # no version, no temp
+    assert not list(run_dir.rglob(f"*{durable.TMP_MARK}*"))
+    assert not (run_dir / "stages" / "export.json").exists()
+    assert durable.read_record(run_dir / "session.json")["state"] == "failed"
+    # The same command with a sound writer publishes version 1: the number was not used up.
+    result = cli(["export", *SMALL], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in model_root.iterdir()) == ["1"]
+    assert durable.verify_dir(model_root / "1")["checkpoint_step"] == 30
+    assert not list(run_dir.rglob(f"*{durable.TMP_MARK}*"))
+    card = json.loads((model_root / "1" / "model_card.json").read_text())
+    assert card["max_probability_difference"][fmt] <= 1e-5

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import SHARED_MNIST, SMALL, assert_same_state, cli, final_state, only_run_dir, start
+from conftest import SMALL, assert_same_state, cli, final_state, only_run_dir, shared_mnist, start
 
 from pipeline import checkpoint, durable
 
@@ -169,9 +169,7 @@ def test_source_changed_under_a_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_shared_mnist_is_the_real_file() -> None:
-    if not SHARED_MNIST.exists():
-        return
     assert (
-        durable.sha256_file(SHARED_MNIST)
+        durable.sha256_file(shared_mnist())
         == "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
     )

@@ -246,4 +246,5 @@ def test_finished_fit_with_a_damaged_final_checkpoint_is_resumed_not_trusted(
     assert (final.parent / f"{final.name}.corrupt").is_dir()
     resumed = [r["step"] for r in loop_of_newest(run_dir)["resumes"]]
     assert resumed == [27], resumed  # the newest good checkpoint before the damaged one
-    assert_same_state(final_state(reference_run[0]), final_state(run_dir))
+    # In full: resuming cut evaluate's TensorBoard events, so evaluate must have run again.
+    assert_runs_identical(reference_run[0], run_dir)

@@ -6,18 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_MNIST, cli, only_run_dir
+from conftest import cli, only_run_dir, shared_mnist
+
+from pipeline import durable
 
 
 @pytest.mark.slow
 def test_tutorial_experiment_on_real_mnist(tmp_path: Path) -> None:
-    data = [f"data.path={SHARED_MNIST}"] if SHARED_MNIST.exists() else ["data=sample"]
-    result = cli(["train", "experiment=tutorial", *data], tmp_path, timeout=1200)
+    data = shared_mnist()
+    result = cli(["train", "experiment=tutorial", f"data.path={data}"], tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(tmp_path / "outputs")
-    assert run_dir.name == (
-        "experiment=tutorial" if SHARED_MNIST.exists() else "data=sample,experiment=tutorial"
-    )
+    assert run_dir.name == "experiment=tutorial"
+    assert durable.read_record(run_dir / "stages" / "data.json")["source"] == str(data)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test_images"] == 2000
     assert metrics["test_accuracy"] > 0.8  # the tutorial reports about 87% on 1000 images
