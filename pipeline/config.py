@@ -176,6 +176,17 @@ def run_name(explicit: str | None, override_dirname: str) -> str:
     return name
 
 
+def safe_name_rule(extra: str = "") -> str:
+    return f"1 to 100 of letters, digits and {' '.join('._-' + extra)}, not starting with '.'"
+
+
+def safe_name(name: str, extra: str = "") -> bool:
+    """A name that is one path component inside its parent: no separators, no '.' or '..', no
+    hidden or control characters, not over-long (so nothing typed escapes the run directory)."""
+    allowed = "A-Za-z0-9._" + re.escape(extra) + "-"
+    return bool(re.fullmatch(f"[{allowed}]{{1,100}}", name)) and not name.startswith(".")
+
+
 def _check(errors: list[str], ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         errors.append(f"{key}={value!r} is not allowed: {allowed}")
@@ -186,6 +197,13 @@ def validate(cfg: Config) -> None:
     e: list[str] = []
     _check(e, cfg.command in COMMANDS, "command", cfg.command, f"one of {', '.join(COMMANDS)}")
     _check(e, cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    _check(
+        e,
+        cfg.run.name is None or safe_name(cfg.run.name, "=,+"),
+        "run.name",
+        cfg.run.name,
+        f"a plain name: {safe_name_rule('=,+')}",
+    )
     d = cfg.data
     _check(
         e,
@@ -262,10 +280,10 @@ def validate(cfg: Config) -> None:
     x = cfg.export
     _check(
         e,
-        bool(re.fullmatch(r"[A-Za-z0-9_.-]+", x.model_name)),
+        safe_name(x.model_name),
         "export.model_name",
         x.model_name,
-        "letters, digits, '.', '_' or '-'",
+        f"a plain name: {safe_name_rule()}",
     )
     _check(
         e,

@@ -104,3 +104,25 @@ def test_hydra_cfg_job_prints_the_config(tmp_path: Path) -> None:
     result = cli(["train", "--cfg", "job", "model=mlp"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "hidden_units: 512" in result.stdout and "command: train" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("run.name=..", "run.name"),
+        ("run.name=.", "run.name"),
+        ("run.name=.hidden", "run.name"),
+        ("run.name=a/b", "run.name"),
+        ("run.name=" + "x" * 101, "run.name"),
+        ("export.model_name=..", "export.model_name"),
+        ("export.model_name=../elsewhere", "export.model_name"),
+    ],
+)
+def test_names_that_would_leave_the_run_directory_are_refused(
+    tmp_path: Path, override: str, key: str
+) -> None:
+    result = cli(["train", override, "run.restart=true"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {key}="), result.stderr
+    assert "a plain name" in result.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
