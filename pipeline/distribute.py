@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -132,6 +133,27 @@ class ScaleOut:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
+SCRATCH_PREFIX = "pipeline-worker"
+
+
+def remove_stale_scratch(root: Path) -> list[Path]:
+    """Delete the scratch directories under `root` of non-chief workers that no longer run (a
+    SIGKILLed worker cannot delete its own); a directory whose process lives is kept."""
+    removed = []
+    for path in root.glob(f"{SCRATCH_PREFIX}*-pid*-*"):
+        match = re.search(r"-pid(\d+)-", path.name)
+        if match is None or not path.is_dir():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
+
+
 def setup(name: str, cluster: str, run_dir: Path) -> ScaleOut | None:
     """Create the strategy (before any other TensorFlow op, as tf.distribute requires)."""
     if name == "default":
@@ -140,7 +162,12 @@ def setup(name: str, cluster: str, run_dir: Path) -> ScaleOut | None:
     strategy = make_strategy(name, cluster)
     work_dir = run_dir
     if not worker.is_chief:
-        work_dir = Path(tempfile.mkdtemp(prefix=f"pipeline-worker{worker.index}-"))
+        scratch_root = Path(tempfile.gettempdir())
+        for stale in remove_stale_scratch(scratch_root):
+            log.info("Removed the scratch directory %s of a worker that was killed", stale)
+        work_dir = Path(
+            tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{worker.index}-pid{os.getpid()}-")
+        )
     log.info(
         "Strategy %s: worker %d of %d%s, %d replicas in sync",
         name,

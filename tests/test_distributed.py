@@ -328,3 +328,19 @@ def test_two_workers_survive_a_worker_kill_and_resume_bit_identical(
     assert_same_state(final_state(ref_dir), final_state(run_dir))
     ours = json.loads((run_dir / "metrics.json").read_text())
     assert ours["test_loss"] == json.loads((ref_dir / "metrics.json").read_text())["test_loss"]
+
+
+def test_scratch_of_a_killed_worker_is_removed_by_the_next_one(tmp_path: Path) -> None:
+    import subprocess as sp
+
+    from pipeline.distribute import remove_stale_scratch
+
+    dead = sp.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"pipeline-worker1-pid{dead.pid}-abc"
+    alive = tmp_path / f"pipeline-worker1-pid{os.getpid()}-def"
+    other = tmp_path / "pipeline-worker1-xyz"  # not ours to judge: no pid in the name
+    for path in (stale, alive, other):
+        (path / "checkpoints").mkdir(parents=True)
+    assert remove_stale_scratch(tmp_path) == [stale]
+    assert not stale.exists() and alive.is_dir() and other.is_dir()
