@@ -248,3 +248,19 @@ def test_finished_fit_with_a_damaged_final_checkpoint_is_resumed_not_trusted(
     assert resumed == [27], resumed  # the newest good checkpoint before the damaged one
     # In full: resuming cut evaluate's TensorBoard events, so evaluate must have run again.
     assert_runs_identical(reference_run[0], run_dir)
+
+
+def test_two_sessions_resuming_from_the_same_step_mark_it_once(
+    tmp_path: Path, reference_run: tuple[Path, str]
+) -> None:
+    # The first session commits step 6 and dies; the second resumes from 6 and dies inside its
+    # first checkpoint write, after its resume marker reached the event file; the third resumes
+    # from 6 again. TensorBoard must still see step 6 once.
+    for failpoint in ("dir_after_rename@3", "dir_before_rename@1"):
+        result = cli(["train", *SMALL], tmp_path, env={"PIPELINE_FAILPOINT": failpoint})
+        assert result.returncode == -signal.SIGKILL, (failpoint, result.stderr)
+    result = cli(["train", *SMALL], tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "outputs")
+    assert scalar_steps(run_dir, "resume/step") == [6]
+    assert_runs_identical(reference_run[0], run_dir)
