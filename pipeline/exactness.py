@@ -139,12 +139,38 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
+def repeated_scalar_steps(run: Path) -> list[tuple[str, int]]:
+    """(tag, step) pairs written more than once in the raw event files. TensorBoard's loader
+    hides some repeats (it purges events after a session-start marker); other readers of the
+    files (the report, a plain event reader) do not, so the files themselves must hold each
+    step once."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    from pipeline import tblog
+
+    seen: dict[tuple[str, int], int] = {}
+    for path in tblog.event_files(run / "tensorboard"):
+        for record in RawEventFileLoader(str(path)).Load():
+            event = Event.FromString(record)
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    key = (value.tag, event.step)
+                    seen[key] = seen.get(key, 0) + 1
+    return sorted(key for key, count in seen.items() if count > 1)
+
+
 def _compare_scalars(reference: Path, run: Path, result: Comparison) -> None:
     ref, ours = scalars(reference), scalars(run)
     for tag, values in ours.items():
         steps = [step for step, _ in values]
         if len(steps) != len(set(steps)):
             result.differences.append(f"TensorBoard {tag}: a step is seen more than once")
+    repeated = repeated_scalar_steps(run)
+    if repeated:
+        result.differences.append(
+            f"event files: {len(repeated)} scalar steps written more than once, e.g. {repeated[0]}"
+        )
     ref_tags = set(ref) - WALL_CLOCK_TAGS
     our_tags = set(ours) - WALL_CLOCK_TAGS
     if ref_tags != our_tags:

@@ -217,7 +217,7 @@ MUTATIONS = [
                 "    if False:\n",
             ),
         ),
-        ("tests/test_export.py::test_broken_format_is_refused_and_nothing_is_published",),
+        ("tests/test_export.py::test_an_export_that_fails_its_check_is_not_published",),
     ),
     Mutation(
         "fsync-dir",
