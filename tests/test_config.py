@@ -20,12 +20,16 @@ from pipeline.errors import ConfigError
         ("fit.epochs=-1", "error: fit.epochs=-1 is not allowed: an integer >= 1"),
         ("data.train_size=0", "error: data.train_size=0 is not allowed: an integer >= 1"),
         ("fit.epochz=3", "error: fit.epochz is not a config key (known keys there: epochs,"),
-        ("model=resnet", "error: model=resnet is not a config option; available: cnn, custom, lenet, mlp"),
+        (
+            "model=resnet",
+            "error: model=resnet is not a config option; available: cnn, custom, lenet, mlp",
+        ),
         ("+foo=1", "error: foo is not a config key."),
         ("checkpoint.keep=0", "error: checkpoint.keep=0 is not allowed: an integer >= 1"),
         (
             "evaluate.checkpoint=worst",
-            "error: evaluate.checkpoint='worst' is not allowed: latest, best or a checkpoint's step number",
+            "error: evaluate.checkpoint='worst' is not allowed: latest, best or a checkpoint's "
+            "step number",
         ),
         ("model.dropout=1.5", "error: model.dropout=1.5 is not allowed: a number in [0, 1)"),
     ],
