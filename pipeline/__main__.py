@@ -59,13 +59,15 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
-def precheck(command: str, args: list[str]) -> None:
-    """Compose and validate the config of every job this command line would run."""
+def precheck(command: str, args: list[str]) -> Path | None:
+    """Compose and validate the config of every job this command line would run; return the
+    run directory of a single run."""
     from pipeline.configcheck import compose_and_check
 
     overrides = overrides_of(args)
     multirun = "-m" in args or "--multirun" in args
     combos = expand_sweeps(overrides) if multirun else [overrides]
+    run_dir = None
     for combo in combos[:256]:
         run_dir = compose_and_check([f"command={command}", *combo])
         if command in STAGE_COMMANDS and not multirun and not (run_dir / "run.json").exists():
@@ -75,6 +77,7 @@ def precheck(command: str, args: list[str]) -> None:
             )
         if not multirun:
             check_writable(run_dir)
+    return None if multirun else run_dir
 
 
 def check_writable(run_dir: Path) -> None:
@@ -122,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.errors import PipelineError
 
     help_only = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in rest)
+    run_dir = None
     try:
         if not help_only:
-            precheck(command, rest)
+            run_dir = precheck(command, rest)
     except PipelineError as exc:
         fail(str(exc), exc.exit_code)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -136,8 +140,16 @@ def main(argv: list[str] | None = None) -> None:
         f"command={command}",
         *overrides_of(rest),
     ]
-    from pipeline.cli import hydra_main
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
 
+    from pipeline.cli import hydra_main
+    from pipeline.durable import disk_error
+
+    # Hydra would print a traceback for an error in its own job setup (writing .hydra/ or
+    # opening the log on a full or failing disk); with this it raises, and we print one line.
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
     except KeyboardInterrupt:
@@ -146,6 +158,17 @@ def main(argv: list[str] | None = None) -> None:
             "command again to resume.",
             130,
         )
+    except CompactHydraException as exc:  # one line, as Hydra prints it (e.g. a failed job)
+        if full_error:
+            raise
+        print(exc, file=sys.stderr, flush=True)
+        if isinstance(exc.__cause__, OmegaConfBaseException):
+            print(exc.__cause__, file=sys.stderr, flush=True)
+        sys.exit(1)
+    except OSError as exc:
+        if full_error:
+            raise
+        fail(str(disk_error(exc, exc.filename or run_dir)), 1)
 
 
 if __name__ == "__main__":

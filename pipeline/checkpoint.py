@@ -99,11 +99,17 @@ def load_latest(root: Path, only_step: int | None = None, owner: bool = True) ->
 def retain(root: Path, keep: int, best_step: int | None) -> None:
     """Delete all but the newest `keep` checkpoints, always keeping the best one."""
     steps = committed_steps(root)
+    doomed = []
     for step in steps[:-keep]:
         if step == best_step:
             continue
         path = path_for(root, step)
         # Renamed to a temporary name first, so a kill mid-delete leaves only a temp to clean.
-        doomed = path.with_name(f".{path.name}{durable.TMP_MARK}{os.getpid()}-del")
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        doomed.append(path.with_name(f".{path.name}{durable.TMP_MARK}{os.getpid()}-del"))
+        os.replace(path, doomed[-1])
+    if doomed:
+        # The renames reach the disk before any file goes: a power cut cannot bring back a
+        # half-deleted checkpoint under its committed name.
+        durable.fsync_dir(root)
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)

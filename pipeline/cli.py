@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -81,6 +83,71 @@ class StopFlag:
             file=sys.stderr,
             flush=True,
         )
+
+
+class LogFileGuard:
+    """The log file (Hydra's pipeline.log) on a failing disk. Left alone, logging prints a
+    traceback to stderr for every record it cannot write. Instead the file handler is detached
+    at its first failed write, the command finishes its work (which does not depend on the
+    log), and then ends with one error line naming the file."""
+
+    def __init__(self) -> None:
+        self.failure: OSError | None = None
+        self.path: str | None = None
+
+    def install(self) -> None:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handleError = functools.partial(self._failed, handler)  # type: ignore[method-assign]
+
+    def _failed(self, handler: logging.FileHandler, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            logging.Handler.handleError(handler, record)  # a formatting bug: logging's report
+            return
+        logging.getLogger().removeHandler(handler)
+        with contextlib.suppress(Exception):
+            handler.close()
+        if self.failure is None:
+            self.failure, self.path = exc, handler.baseFilename
+
+    def check(self) -> None:
+        """Close the log file (a disk can fail that too) and fail if it could not be written."""
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler) and self.failure is None:
+                try:
+                    handler.close()  # reopened by the next record, if any
+                except OSError as exc:
+                    logging.getLogger().removeHandler(handler)
+                    self.failure, self.path = exc, handler.baseFilename
+        if self.failure is not None:
+            raise durable.disk_error(self.failure, self.path) from self.failure
+
+
+class _NoTraceback(logging.Formatter):
+    """The console's formatter without tracebacks: libraries log handled exceptions with them
+    (TensorFlow: "Fingerprint was found, but there was an error ... loading will continue"),
+    and tracebacks belong in pipeline.log, not on the screen."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def quiet_console_tracebacks() -> None:
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and not isinstance(
+            handler.formatter, _NoTraceback
+        ):
+            handler.setFormatter(_NoTraceback(handler.formatter))
 
 
 def write_session(run_dir: Path, state: str, **extra: Any) -> None:
@@ -206,12 +273,16 @@ class Stages:
 
 
 def write_report(run_dir: Path) -> None:
-    """Keep report.html current; a report that cannot be written does not fail the run."""
+    """Keep report.html current. A report that cannot be made is a warning, but a disk that
+    fails (full, I/O errors) fails the command like any other write: the user must hear of
+    it. Rerunning the command then only rewrites the report."""
     from pipeline.report import write_report as write
 
     try:
         log.info("Report: %s", write(run_dir))
-    except (PipelineError, OSError) as exc:
+    except (OSError, durable.DiskFullError, durable.DiskError):
+        raise
+    except PipelineError as exc:
         log.warning("Could not write the run report: %s", exc)
 
 
@@ -268,6 +339,9 @@ def hydra_main(dict_cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     stop = StopFlag()
     stop.install()
+    log_guard = LogFileGuard()
+    log_guard.install()
+    quiet_console_tracebacks()
     scale = None
     try:
         scale = set_up_strategy(cfg, run_dir)
@@ -276,6 +350,7 @@ def hydra_main(dict_cfg: DictConfig) -> None:
             # preemption notifier); ours must get SIGTERM, or a worker ignores it.
             signal.signal(signal.SIGTERM, stop._handle)
         run_command(cfg, scale.work_dir if scale else run_dir, stop, scale)
+        log_guard.check()
     except PipelineError as exc:
         log.debug("failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -283,7 +358,18 @@ def hydra_main(dict_cfg: DictConfig) -> None:
             stop.hand_over()
             sys.exit(128 + stop.signum if stop.signum is not None else exc.exit_code)
         fail_job(run_dir, multirun, str(exc), exc.exit_code)
+    except OSError as exc:  # the disk failed outside durable's writes (e.g. Hydra's, the log's)
+        error = durable.disk_error(exc, exc.filename or run_dir)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        log.debug("disk error", exc_info=True)
+        fail_job(run_dir, multirun, str(error), error.exit_code)
     except Exception as exc:  # a bug, not a user mistake: keep the traceback in the log file
+        cause = durable.os_error_in(exc)
+        if cause is not None:  # a library's own error for a failing disk (e.g. TensorFlow's)
+            error = durable.disk_error(cause, cause.filename or run_dir)
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            log.debug("disk error", exc_info=True)
+            fail_job(run_dir, multirun, str(error), error.exit_code)
         log.debug("unexpected error", exc_info=True)
         print(
             f"error: unexpected {type(exc).__name__}: {exc}\nThe traceback is in "

@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 
+log = logging.getLogger(__name__)
 TMP_MARK = ".tmp-"
 MANIFEST = "MANIFEST.json"
 _failpoint_hits: dict[str, int] = {}
@@ -35,6 +38,10 @@ class CorruptArtifact(Exception):
 
 class DiskFullError(PipelineError):
     pass
+
+
+class DiskError(PipelineError):
+    """The disk or filesystem failed a call (an I/O error and the like)."""
 
 
 def failpoint(name: str) -> None:
@@ -62,6 +69,37 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """`mkdir -p` whose new directories survive a power cut: the parent of each directory it
+    creates is fsynced (a plain mkdir is lost with everything committed inside it)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            pass  # made by someone else meanwhile (or a file: the next step names it)
+        fsync_dir(new.parent)
+
+
+def sync_ancestors(path: Path) -> None:
+    """fsync `path` and every directory above it on the same filesystem. A directory created
+    with a plain mkdir (by Hydra, a user or an earlier session cut short) is then durable
+    before anything is committed inside it."""
+    path = path.absolute()
+    device = path.stat().st_dev
+    while True:
+        fsync_dir(path)
+        parent = path.parent
+        if parent == path or parent.stat().st_dev != device:
+            return
+        path = parent
+
+
 def temp_name(final: Path) -> Path:
     """A temporary sibling of `final` that keeps its suffix (Keras checks file suffixes)."""
     return final.with_name(f".{final.stem}{TMP_MARK}{os.getpid()}{final.suffix}")
@@ -69,12 +107,12 @@ def temp_name(final: Path) -> Path:
 
 def _space_message(path: Path, needed: int | None) -> str:
     try:
-        free = shutil.disk_usage(path if path.is_dir() else path.parent).free
+        free = _size(shutil.disk_usage(path if path.is_dir() else path.parent).free)
     except OSError:
-        free = -1
+        free = "no more"
     need = _size(needed) if needed else "more space"
     return (
-        f"No space left writing {path}: it needs {need}, {_size(free)} are free. "
+        f"No space left writing {path}: it needs {need}, {free} are free. "
         "Free some disk space (or raise the file-size limit) and run the same command again; "
         "nothing committed was lost."
     )
@@ -85,7 +123,10 @@ def _size(n: int) -> str:
 
 
 def _dir_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    try:
+        return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    except OSError:  # the disk that failed the write may fail this too
+        return 0
 
 
 def _translate(exc: OSError, path: Path, needed: int | None) -> Exception:
@@ -96,14 +137,95 @@ def _translate(exc: OSError, path: Path, needed: int | None) -> Exception:
             f"Cannot write {path}: {exc.strerror}. Make the directory "
             "writable or choose another one with run.outputs=..."
         )
+    if exc.filename is None:  # e.g. from a write() on an open file: say which file
+        return OSError(exc.errno, exc.strerror, str(path))
     return exc
+
+
+def disk_error(exc: OSError, path: Path | str | None = None) -> PipelineError:
+    """A failed call of the disk or filesystem as one clear message naming the path: for
+    errors outside durable's own writes (Hydra's files, the log, TensorFlow's writers)."""
+    where = Path(path or exc.filename or "the run directory")
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                     errno.EROFS):  # fmt: skip
+        translated = _translate(exc, where, None)
+        if isinstance(translated, PipelineError):
+            return translated
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return DiskError(
+        f"I/O error on {where}: {exc.strerror or exc} ({name}). The disk or filesystem "
+        "failed; check it (e.g. dmesg), then run the same command again: nothing committed "
+        "was lost."
+    )
+
+
+# errno values whose text (os.strerror) in a library's error message means the disk failed.
+_DISK_ERRNOS = (
+    errno.EIO,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.ENXIO,
+    errno.ENOTCONN,
+)
+_ERRNO_NUMBER = re.compile(r"errno = (\d+)")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.-])(/[^\s;'\"]+)")
+
+
+def is_disk_failure(exc: OSError) -> bool:
+    """An I/O error or a full disk: not a missing or unreadable file, but a failing device."""
+    return exc.errno in _DISK_ERRNOS and exc.errno not in (errno.EACCES, errno.EPERM)
+
+
+def os_error_in(exc: BaseException, near: Path | None = None) -> OSError | None:
+    """The OS error behind a library's exception (TensorFlow's C++ file layer, h5py, ...),
+    found in its message or those it chains to, as an OSError naming the file; else None."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _DISK_ERRNOS:
+            return seen
+        text = str(seen)
+        number = _ERRNO_NUMBER.search(text)
+        codes = [int(number.group(1))] if number else []
+        codes += [c for c in _DISK_ERRNOS if os.strerror(c) in text]
+        codes = [c for c in codes if c in _DISK_ERRNOS]
+        if codes:
+            # Paths the message names (not TensorFlow's device names like /job:localhost/...).
+            paths = [p.rstrip(".,:)]}") for p in _ABSOLUTE_PATH.findall(text)]
+            paths = [p for p in paths if Path(p).parent.is_dir()]
+            if near is not None:
+                paths = [p for p in paths if p.startswith(str(near))] or paths
+            where = paths[0] if paths else (str(near) if near else None)
+            return OSError(codes[0], os.strerror(codes[0]), where)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unreadable(directory: Path) -> OSError | None:
+    """Read back every file under `directory`: the OS error the disk gives, if any."""
+    path = directory
+    try:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    while handle.read(1 << 20):
+                        pass
+    except OSError as exc:
+        if exc.filename is None:
+            return OSError(exc.errno, exc.strerror, str(path))
+        return exc
+    return None
 
 
 def write_file(final: Path, write: Callable[[Path], object], size_hint: int | None = None) -> None:
     """Commit a file written by `write(temp_path)` to `final` atomically and durably."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     try:
+        make_dirs(final.parent)
         failpoint("file_before_write")
         write(tmp)
         failpoint("file_after_write")
@@ -161,7 +283,7 @@ def sha256_file(path: Path) -> str:
 
 def temp_dir(final: Path) -> Path:
     """A fresh temporary directory beside `final`, to be committed with commit_dir."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -210,17 +332,36 @@ def write_dir(
 ) -> None:
     """Create `final` atomically: `fill(tmp)` writes the files, then commit_dir publishes them.
     `size_hint` (bytes the files will take) makes a disk-full message exact."""
-    tmp = temp_dir(final)
+    try:
+        tmp = temp_dir(final)
+    except OSError as exc:
+        raise _translate(exc, final, size_hint) from exc
     try:
         fill(tmp)
     except OSError as exc:
         size = size_hint or _dir_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         raise _translate(exc, final, size or None) from exc
+    except PipelineError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as exc:
+        # Libraries that write and re-read files (TensorFlow, Keras, h5py, the TFLite
+        # converter) often report a failing disk as their own error: its text names the
+        # errno, or the error is masked ("file not found"). If the disk is the cause, say so.
+        cause = os_error_in(exc, tmp) or _unreadable(tmp)
+        size = size_hint or _dir_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cause is None:
+            raise
+        raise _translate(cause, final, size or None) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_dir(tmp, final, meta)
+    # The crash harness (scripts/crash_test.py --power-cut) reads this line in pipeline.log:
+    # a directory named here must survive any later power cut.
+    log.debug("Committed %s (pid %d)", final, os.getpid())
 
 
 def verify_dir(path: Path) -> dict[str, Any]:

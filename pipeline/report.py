@@ -266,6 +266,10 @@ def inventory(run_dir: Path) -> list[dict[str, Any]]:
             if row["ok"]:
                 durable.verify_dir(path)
         except (durable.CorruptArtifact, OSError, KeyError, TypeError) as exc:
+            if isinstance(exc, OSError) and durable.is_disk_failure(exc):
+                raise  # a failing disk fails the command (one error line), not a table row
+            if not path.is_dir():
+                continue  # deleted while read (checkpoint retention in a running fit)
             row.update(status=f"FAILED verification: {exc}", ok=False)
         rows.append(row)
     return rows
@@ -279,6 +283,8 @@ def load_predictions(run_dir: Path) -> tuple[dict[str, np.ndarray] | None, str |
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}, None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, OSError) and durable.is_disk_failure(exc):
+            raise
         return None, f"{path} is unreadable ({exc})"
 
 
@@ -688,7 +694,11 @@ def render(run_dir: Path) -> str:
     if (run_dir / "metrics.json").exists():
         try:
             metrics = json.loads((run_dir / "metrics.json").read_text())
-        except (OSError, ValueError):
+        except ValueError:
+            metrics = None
+        except OSError as exc:
+            if durable.is_disk_failure(exc):
+                raise
             metrics = None
     loop: dict[str, Any] = {}
     if info["latest_checkpoint"]:

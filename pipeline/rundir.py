@@ -14,6 +14,7 @@ outputs/<run name>/
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -83,16 +84,28 @@ class RunLock:
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError as exc:  # name the file (a call on a descriptor names none)
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None
+            try:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError as exc:  # name the file (a call on a descriptor names none)
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # closing drops the lock anyway
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            try:
+                os.close(fd)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -18,8 +18,21 @@ from pipeline.errors import ConfigError
 def _record(path: Path) -> dict[str, Any] | None:
     try:
         return durable.read_record(path) if path.exists() else None
-    except durable.CorruptArtifact:
+    except (durable.CorruptArtifact, FileNotFoundError):  # damaged, or deleted while read
         return None
+
+
+def _disk_bytes(run_dir: Path) -> int:
+    """Bytes of the run's files; files a running process renames or deletes meanwhile (its
+    temporaries, retired checkpoints) are skipped, not a crash."""
+    total = 0
+    for top, _, files in os.walk(run_dir):  # a directory that vanishes is skipped
+        for name in files:
+            try:
+                total += os.stat(os.path.join(top, name), follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 def run_state(run_dir: Path) -> str:
@@ -59,7 +72,7 @@ def describe(run_dir: Path) -> dict[str, Any]:
         "latest_checkpoint": str(latest) if latest else None,
         "checkpoint_age_s": time.time() - meta["time"] if "time" in meta else None,
         "resumes": loop.get("resumes", []),
-        "disk_bytes": sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()),
+        "disk_bytes": _disk_bytes(run_dir),
     }
 
 

@@ -8,11 +8,12 @@ from the old files before training continues, so every reader sees each step exa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,35 +25,58 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from pipeline import durable
 
 PREFIX = "events.out.tfevents."
+RESUME_TAG = "resume/step"  # the scalar fit writes at the step each session resumes from
 
 
 def event_files(logdir: Path) -> list[Path]:
     return sorted(p for p in logdir.glob(PREFIX + "*") if durable.TMP_MARK not in p.name)
 
 
+def records(path: Path) -> list[bytes]:
+    """The raw records of one event file. TensorBoard reads it through TensorFlow's file
+    layer, which reports a failing disk as its own error: that becomes an OSError naming the
+    file."""
+    try:
+        return list(RawEventFileLoader(str(path)).Load())
+    except OSError:
+        raise
+    except Exception as exc:
+        cause = durable.os_error_in(exc, path)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from exc
+
+
 def last_step(logdir: Path) -> int:
     """The highest step any event file records (0 if none)."""
-    steps = [
-        Event.FromString(r).step
-        for path in event_files(logdir)
-        for r in RawEventFileLoader(str(path)).Load()
-    ]
+    steps = [Event.FromString(r).step for path in event_files(logdir) for r in records(path)]
     return max(steps, default=0)
 
 
 def truncate_after(logdir: Path, step: int) -> int:
-    """Drop events with a step greater than `step` from every event file; return how many."""
+    """Drop events with a step greater than `step` from every event file; return how many.
+
+    Also dropped: the `resume/step` marker at `step` itself. Only a session that resumed from
+    this very checkpoint wrote one, and its work is being discarded (it died before its next
+    checkpoint reached the disk); the session resuming now writes its own, so TensorBoard
+    shows that resume once."""
     dropped = 0
     for path in event_files(logdir):
         # Raw records, rewritten byte for byte: the non-raw loader would upgrade them to
         # another summary format on the way.
-        records = list(RawEventFileLoader(str(path)).Load())
-        keep = [r for r in records if Event.FromString(r).step <= step]
-        if len(keep) == len(records):
+        old = records(path)
+        keep = [r for r in old if not _after(Event.FromString(r), step)]
+        if len(keep) == len(old):
             continue
-        dropped += len(records) - len(keep)
+        dropped += len(old) - len(keep)
         durable.write_file(path, functools.partial(_write_records, records=keep))
     return dropped
+
+
+def _after(event: Event, step: int) -> bool:
+    if event.step > step:
+        return True
+    return event.step == step and any(v.tag == RESUME_TAG for v in event.summary.value)
 
 
 # --- added for run visuals (evaluate-time images, hparams, graph) --------------------------------
@@ -62,11 +86,11 @@ def drop_events(logdir: Path, should_drop: Callable[[Event], bool]) -> int:
     it again never leaves duplicates. Files are rewritten atomically, like truncate_after."""
     dropped = 0
     for path in event_files(logdir):
-        records = list(RawEventFileLoader(str(path)).Load())
-        keep = [r for r in records if not should_drop(Event.FromString(r))]
-        if len(keep) == len(records):
+        old = records(path)
+        keep = [r for r in old if not should_drop(Event.FromString(r))]
+        if len(keep) == len(old):
             continue
-        dropped += len(records) - len(keep)
+        dropped += len(old) - len(keep)
         durable.write_file(path, functools.partial(_write_records, records=keep))
     return dropped
 
@@ -86,15 +110,33 @@ class EventLog:
     """An append-only event file for one process (one session of a run)."""
 
     def __init__(self, logdir: Path) -> None:
-        logdir.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(logdir)
         name = f"{PREFIX}{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
         self.path = logdir / name
         self._file = open(self.path, "ab")
         self._writer = RecordWriter(self._file)
         self._write(Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
+        # The new file's name must be on disk for `sync` to mean anything after a power cut
+        # (fsync of a file does not persist its directory entry); so must the directory's own
+        # (it may come from a plain mkdir).
+        self.sync()
+        durable.fsync_dir(logdir)
+        durable.fsync_dir(logdir.parent)
 
     def _write(self, event: Event) -> None:
-        self._writer.write(event.SerializeToString())
+        with self._naming_the_file():
+            self._writer.write(event.SerializeToString())
+
+    @contextlib.contextmanager
+    def _naming_the_file(self) -> Iterator[None]:
+        """A failed write, flush or fsync names this event file (an OSError from a write on
+        an open file names none)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
@@ -157,13 +199,18 @@ class EventLog:
 
     def flush(self) -> None:
         """Hand buffered events to the OS: they survive a killed process (not a power loss)."""
-        self._writer.flush()
+        with self._naming_the_file():
+            self._writer.flush()
 
     def sync(self) -> None:
-        self._writer.flush()
-        os.fsync(self._file.fileno())
+        with self._naming_the_file():
+            self._writer.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:
-            self.sync()
-            self._file.close()
+            try:
+                self.sync()
+            finally:
+                with self._naming_the_file():
+                    self._file.close()
