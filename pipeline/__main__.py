@@ -96,24 +96,36 @@ def check_writable(run_dir: Path) -> None:
         ) from exc
 
 
+def read_command(command: str, rest: list[str]) -> int:
+    """`status`, `predict` and `report`: a failing disk under the run ends in one line."""
+    from pipeline.durable import disk_error
+
+    try:
+        if command == "status":
+            from pipeline.status import main as status_main
+
+            return status_main(rest)
+        if command == "predict":
+            from pipeline.predict import main as predict_main
+
+            return predict_main(rest)
+        from pipeline.report import main as report_main
+
+        return report_main(rest)
+    except OSError as exc:
+        error = disk_error(exc)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
-    if command == "status":
-        from pipeline.status import main as status_main
-
-        sys.exit(status_main(rest))
-    if command == "predict":
-        from pipeline.predict import main as predict_main
-
-        sys.exit(predict_main(rest))
-    if command == "report":
-        from pipeline.report import main as report_main
-
-        sys.exit(report_main(rest))
+    if command in ("status", "predict", "report"):
+        sys.exit(read_command(command, rest))
     from pipeline.config import COMMANDS
 
     if command not in COMMANDS:

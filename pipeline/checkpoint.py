@@ -56,10 +56,13 @@ def save(root: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, A
 def load(path: Path) -> Checkpoint:
     """Verify and read one checkpoint; raises durable.CorruptArtifact."""
     meta = durable.verify_dir(path)
+    state = path / "state.npz"
     try:
-        with np.load(path / "state.npz", allow_pickle=False) as npz:
+        with durable.naming(state), np.load(state, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and durable.is_disk_failure(exc):
+            raise  # the disk failed, not this checkpoint: never set a sound one aside for it
         raise durable.CorruptArtifact(f"{path}: unreadable state ({exc})") from exc
     return Checkpoint(meta["step"], path, arrays, meta)
 

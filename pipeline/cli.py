@@ -148,6 +148,18 @@ def quiet_console_tracebacks() -> None:
             handler.formatter, _NoTraceback
         ):
             handler.setFormatter(_NoTraceback(handler.formatter))
+    # "Exception ignored in ..." (e.g. h5py closing objects after a failed write) goes to the
+    # log file with its traceback, not to stderr.
+    sys.unraisablehook = _log_unraisable
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    log.debug(
+        "%s: %r",
+        unraisable.err_msg or "Exception ignored in",
+        unraisable.object,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+    )
 
 
 def write_session(run_dir: Path, state: str, **extra: Any) -> None:

@@ -12,6 +12,7 @@ Fault injection: PIPELINE_FAILPOINT=<name>[@<hit>][:<action>] stops the process 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -20,7 +21,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def failpoint(name: str) -> None:
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        with naming(path):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -93,7 +95,10 @@ def sync_ancestors(path: Path) -> None:
     path = path.absolute()
     device = path.stat().st_dev
     while True:
-        fsync_dir(path)
+        try:
+            fsync_dir(path)
+        except PermissionError:
+            return  # an ancestor we may not open (drwx--x--x): not ours to make durable
         parent = path.parent
         if parent == path or parent.stat().st_dev != device:
             return
@@ -146,11 +151,9 @@ def disk_error(exc: OSError, path: Path | str | None = None) -> PipelineError:
     """A failed call of the disk or filesystem as one clear message naming the path: for
     errors outside durable's own writes (Hydra's files, the log, TensorFlow's writers)."""
     where = Path(path or exc.filename or "the run directory")
-    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM,
-                     errno.EROFS):  # fmt: skip
-        translated = _translate(exc, where, None)
-        if isinstance(translated, PipelineError):
-            return translated
+    translated = _translate(exc, where, None)
+    if isinstance(translated, PipelineError):  # a full disk, or one that is not writable
+        return translated
     name = errno.errorcode.get(exc.errno or 0, "error")
     return DiskError(
         f"I/O error on {where}: {exc.strerror or exc} ({name}). The disk or filesystem "
@@ -236,10 +239,12 @@ def write_file(final: Path, write: Callable[[Path], object], size_hint: int | No
         failpoint("file_after_rename")
         fsync_dir(final.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failing disk may refuse this too: the error
+            tmp.unlink(missing_ok=True)  # to report is the first; the next run cleans up
         raise _translate(exc, final, size_hint) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -262,8 +267,10 @@ def write_record(final: Path, payload: Any) -> None:
 
 def read_record(path: Path) -> Any:
     """Read a record written by write_record; raise CorruptArtifact if it does not verify."""
+    with naming(path):
+        raw = path.read_bytes()
     try:
-        outer = json.loads(path.read_bytes())
+        outer = json.loads(raw)
         body = json.dumps(outer["data"], sort_keys=True, indent=1)
         ok = hashlib.sha256(body.encode()).hexdigest() == outer["sha256"]
     except (ValueError, KeyError, TypeError) as exc:
@@ -275,10 +282,21 @@ def read_record(path: Path) -> Any:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with naming(path), open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """An OSError of a call on an open file (read, write, close) names no file: name `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def temp_dir(final: Path) -> Path:

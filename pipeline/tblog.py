@@ -8,12 +8,11 @@ from the old files before training continues, so every reader sees each step exa
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,9 @@ def truncate_after(logdir: Path, step: int) -> int:
         # another summary format on the way.
         old = records(path)
         keep = [r for r in old if not _after(Event.FromString(r), step)]
-        if len(keep) == len(old):
+        # A record frame is 8 bytes of length, 4 of its CRC, the data, 4 of the data's CRC.
+        torn = sum(len(r) + 16 for r in old) != path.stat().st_size
+        if len(keep) == len(old) and not torn:
             continue
         dropped += len(old) - len(keep)
         durable.write_file(path, functools.partial(_write_records, records=keep))
@@ -124,19 +125,8 @@ class EventLog:
         durable.fsync_dir(logdir.parent)
 
     def _write(self, event: Event) -> None:
-        with self._naming_the_file():
+        with durable.naming(self.path):  # a failed write names this event file
             self._writer.write(event.SerializeToString())
-
-    @contextlib.contextmanager
-    def _naming_the_file(self) -> Iterator[None]:
-        """A failed write, flush or fsync names this event file (an OSError from a write on
-        an open file names none)."""
-        try:
-            yield
-        except OSError as exc:
-            if exc.filename is not None:
-                raise
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
@@ -199,11 +189,11 @@ class EventLog:
 
     def flush(self) -> None:
         """Hand buffered events to the OS: they survive a killed process (not a power loss)."""
-        with self._naming_the_file():
+        with durable.naming(self.path):
             self._writer.flush()
 
     def sync(self) -> None:
-        with self._naming_the_file():
+        with durable.naming(self.path):
             self._writer.flush()
             os.fsync(self._file.fileno())
 
@@ -212,5 +202,5 @@ class EventLog:
             try:
                 self.sync()
             finally:
-                with self._naming_the_file():
+                with durable.naming(self.path):
                     self._file.close()

@@ -12,6 +12,29 @@ is compared in full with the uninterrupted run (pipeline/exactness.py: every kep
 its loop state, TensorBoard scalar values, test metrics, exported predictions; every damaged
 checkpoint detected; no temporary debris) before a new victim takes the remaining kills. Exit
 code 0 only if every victim, and so every kill, was verified.
+
+Modes on faultfs (scripts/faultfs.py, a FUSE filesystem that can lose power and fail calls;
+needs fuse3 and mfusepy, and stops with an error line where they are missing):
+
+    python scripts/crash_test.py --power-cut --cuts 100 --seed 1     # kill + cut the power
+    python scripts/crash_test.py --power-cut --cuts 20 --mutations fsync-dir,file-fsync,...
+    python scripts/crash_test.py --disk-faults --faults 200 --seed 1  # EIO / ENOSPC
+    python scripts/crash_test.py --readers --reads 200 --seed 1       # status/report/... meanwhile
+
+--power-cut: at random instants and at the failpoints, SIGKILL the run's process group and cut
+the power (everything not fsynced is lost; sometimes a random part of it is kept), sometimes
+damage the newest checkpoint, and run the same command again. After every cut: no file under a
+committed name is damaged, no committed checkpoint step or directory is lost (see
+power_cut_campaign for the rule); every finished victim is compared in full as above.
+--mutations runs that campaign on copies of the checkout with one fsync of durable.py removed
+(scripts/mutation_check.py's edits) and passes only if each one is caught.
+--disk-faults: each launch arms one failing call (write, fsync, create, rename, mkdir, open,
+read, ...) on one part of the run (records, data, checkpoints, TensorBoard, SavedModel, Keras,
+HDF5, TFLite, report, Hydra's files, the log); each must end in one `error:` line naming the
+path, a non-zero exit, no traceback and no committed file that fails verification; every
+victim then finishes without faults, bit-identical to the reference.
+--readers: reads the run while it trains, checkpoints, evaluates and exports; no read may
+crash or show a half-written state.
 """
 
 from __future__ import annotations
