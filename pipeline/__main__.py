@@ -63,6 +63,7 @@ def precheck(command: str, args: list[str]) -> Path | None:
     """Compose and validate the config of every job this command line would run; return the
     run directory of a single run."""
     from pipeline.configcheck import compose_and_check
+    from pipeline.rundir import check_ours
 
     overrides = overrides_of(args)
     multirun = "-m" in args or "--multirun" in args
@@ -76,6 +77,7 @@ def precheck(command: str, args: list[str]) -> Path | None:
                 f"{' '.join(combo)}".rstrip()
             )
         if not multirun:
+            check_ours(run_dir)  # before Hydra writes .hydra/ and the log into it
             check_writable(run_dir)
     return None if multirun else run_dir
 

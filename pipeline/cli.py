@@ -310,6 +310,7 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -
         # The run directory may come from a plain mkdir (Hydra's): make its name durable before
         # anything is committed inside it, or a power cut could take it with all its commits.
         durable.sync_ancestors(run_dir)
+        rundir.check_ours(run_dir)  # again here: sweep jobs' directories skip the pre-check
         removed = durable.remove_temps(run_dir)
         if removed:
             log.info("Removed %d temporary file(s) left by an interrupted write", len(removed))

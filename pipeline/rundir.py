@@ -161,13 +161,62 @@ def is_running(run_dir: Path) -> bool:
         os.close(fd)
 
 
+# What a run directory holds before its run.json exists (Hydra writes .hydra/ and the log first).
+BEFORE_RECORD = frozenset({".hydra", "pipeline.log", ".lock", "session.json"})
+
+
+def check_ours(run_dir: Path) -> None:
+    """Refuse a run directory that exists and is not a run of this pipeline (a user's own
+    folder reached by run.name/run.outputs): nothing is written or deleted in it."""
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory: choose another run.name or run.outputs")
+    if run_record_state(run_dir) != "foreign":
+        return
+    names = sorted(n for n in os.listdir(run_dir) if durable.TMP_MARK not in n)
+    strange = [n for n in names if n not in BEFORE_RECORD]
+    if strange:
+        holds = (
+            "a run.json that is not a run record of ours"
+            if "run.json" in names
+            else (f"{strange[0]!r} and no run.json")
+        )
+        raise ConfigError(
+            f"{run_dir} is not a run directory of this pipeline (it holds {holds}), so nothing "
+            "was written or deleted there. Choose another run.name=... or run.outputs=..."
+        )
+
+
 def restart(run_dir: Path) -> None:
+    """Delete the run's artifacts (run.restart=true), only in a run directory of ours.
+    Symlinks are removed, never followed."""
+    check_ours(run_dir)
     for name in ARTIFACTS:
         path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # does not follow symlinks inside the tree either
+        elif os.path.lexists(path):
             path.unlink()
+
+
+def run_record_state(run_dir: Path) -> str:
+    """ "ours" (a verified run record with an identity), "damaged" (a checksummed record of
+    ours that does not verify or lacks the identity) or "foreign" (no record of this pipeline)."""
+    path = run_dir / "run.json"
+    try:
+        record = durable.read_record(path)
+        if isinstance(record, dict) and isinstance(record.get("identity"), dict):
+            return "ours"
+        return "damaged"
+    except FileNotFoundError:
+        return "foreign"
+    except durable.CorruptArtifact:
+        try:
+            outer = json.loads(path.read_bytes())
+            return "damaged" if {"data", "sha256"} <= set(outer) else "foreign"
+        except (ValueError, TypeError):
+            return "foreign"
 
 
 # The version of what a run directory holds (checkpoint variables, layout). A run written in
@@ -203,9 +252,13 @@ def check_identity(
         record = durable.read_record(record_path)
         stored = record["identity"]
     except (durable.CorruptArtifact, KeyError, TypeError) as exc:
+        if run_record_state(run_dir) == "foreign":  # not even recognisably ours any more
+            hint = f"delete {run_dir} to start over (run.restart=true deletes only runs it knows)"
+        else:
+            hint = "start over with run.restart=true"
         raise PipelineError(
             f"{record_path} is damaged ({exc}), so this run's config cannot be "
-            "checked. Restore it, or start over with run.restart=true"
+            f"checked. Restore it, or {hint}"
         ) from exc
     found = record.get("format", 1)
     if found != RUN_FORMAT:

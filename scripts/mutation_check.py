@@ -281,6 +281,18 @@ MUTATIONS = [
         ),
         ("tests/test_power_cut.py",),
     ),
+    Mutation(
+        "restart-anywhere",
+        "run.restart=true deletes in any directory a typed run.name/run.outputs reaches",
+        (
+            (
+                "pipeline/rundir.py",
+                "    if not run_dir.exists() and not run_dir.is_symlink():\n        return\n",
+                "    return\n",
+            ),
+        ),
+        ("tests/test_hostile_paths.py::test_hostile_values_change_nothing_outside_the_run",),
+    ),
 ]
 
 

@@ -191,9 +191,16 @@ def test_damaged_run_json(tmp_path: Path, damage: str) -> None:
     message = str(info.value)
     assert type(info.value) is PipelineError
     assert message.startswith(f"{path} is damaged (")
-    assert message.endswith(
-        "), so this run's config cannot be checked. Restore it, or start over with run.restart=true"
-    )
+    if damage == "garbage":  # not recognisably ours: restart would refuse it, so not offered
+        assert message.endswith(
+            f"Restore it, or delete {tmp_path} to start over (run.restart=true deletes only "
+            "runs it knows)"
+        )
+    else:
+        assert message.endswith(
+            "), so this run's config cannot be checked. Restore it, or start over with "
+            "run.restart=true"
+        )
     if damage == "flipped":
         assert "checksum mismatch" in message
 
