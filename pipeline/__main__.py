@@ -13,7 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-USAGE = """usage: python -m pipeline <command> [key=value ...] [hydra options]
+USAGE = """usage: pipeline <command> [key=value ...] [--config-dir DIR] [hydra options]
+       pipeline --version
+       (`python -m pipeline ...` is the same)
 
 commands:
   train      data -> model -> fit -> evaluate -> export (finished stages are skipped)
@@ -31,6 +33,12 @@ examples:
   python -m pipeline train experiment=tutorial
   python -m pipeline evaluate run.name=default evaluate.checkpoint=best
   python -m pipeline train --help        (Hydra's help: config groups and options)
+  python -m pipeline train --config-dir my_conf experiment=mine   (my_conf/experiment/mine.yaml)
+
+options:
+  --config-dir DIR, -cd DIR   also search DIR for configs: your own presets beside the
+                              package's (e.g. DIR/experiment/NAME.yaml), conf/ left as it is
+  --version                   the versions of pipeline, TensorFlow, Keras and Hydra
 """
 STAGE_COMMANDS = ("fit", "evaluate", "export")
 
@@ -38,6 +46,46 @@ STAGE_COMMANDS = ("fit", "evaluate", "export")
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def versions() -> str:
+    """Installed versions, read from package metadata (without importing TensorFlow: fast)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = []
+    for name, dist in (
+        ("pipeline", "pipeline"),
+        ("TensorFlow", "tensorflow"),
+        ("Keras", "keras"),
+        ("Hydra", "hydra-core"),
+    ):
+        try:
+            lines.append(f"{name} {version(dist)}")
+        except PackageNotFoundError:
+            lines.append(f"{name} (not installed)")
+    return "\n".join(lines)
+
+
+def take_config_dir(args: list[str]) -> tuple[str | None, list[str]]:
+    """Split off `--config-dir DIR` / `-cd DIR` (or `--config-dir=DIR`): the directory, made
+    absolute, and the other arguments."""
+    config_dir, rest = None, []
+    items = iter(args)
+    for arg in items:
+        name, eq, value = arg.partition("=")
+        if name not in ("--config-dir", "-cd"):
+            rest.append(arg)
+            continue
+        if not eq:
+            value = next(items, "")
+        if not value:
+            fail(f"{name} needs a directory: {name} DIR")
+        config_dir = value
+    if config_dir is not None:
+        config_dir = os.path.abspath(config_dir)
+        if not os.path.isdir(config_dir):
+            fail(f"--config-dir {config_dir}: no such directory")
+    return config_dir, rest
 
 
 def overrides_of(args: list[str]) -> list[str]:
@@ -59,19 +107,19 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
-def precheck(command: str, args: list[str]) -> Path | None:
+def precheck(command: str, args: list[str], config_dir: str | None = None) -> Path | None:
     """Compose and validate the config of every job this command line would run; return the
-    run directory of a single run."""
+    run directory of a single run. `config_dir`: the user's --config-dir."""
     from pipeline.configcheck import compose_and_check
-    from pipeline.rundir import check_ours
+    from pipeline.rundir import RunDir, check_ours
 
     overrides = overrides_of(args)
     multirun = "-m" in args or "--multirun" in args
     combos = expand_sweeps(overrides) if multirun else [overrides]
     run_dir = None
     for combo in combos[:256]:
-        run_dir = compose_and_check([f"command={command}", *combo])
-        if command in STAGE_COMMANDS and not multirun and not (run_dir / "run.json").exists():
+        run_dir = compose_and_check([f"command={command}", *combo], config_dir)
+        if command in STAGE_COMMANDS and not multirun and not RunDir(run_dir).run_record.exists():
             fail(
                 f"no run at {run_dir}. Start it with: python -m pipeline train "
                 f"{' '.join(combo)}".rstrip()
@@ -125,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if args else 2)
+    if args[0] == "--version":
+        print(versions())
+        sys.exit(0)
     command, rest = args[0], args[1:]
     if command in ("status", "predict", "report"):
         sys.exit(read_command(command, rest))
@@ -138,11 +189,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     from pipeline.errors import PipelineError
 
+    config_dir, rest = take_config_dir(rest)
     help_only = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in rest)
     run_dir = None
     try:
         if not help_only:
-            run_dir = precheck(command, rest)
+            run_dir = precheck(command, rest, config_dir)
     except PipelineError as exc:
         fail(str(exc), exc.exit_code)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -151,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [
         str(Path(sys.argv[0]).with_name("pipeline")),
         *options,
+        *(["--config-dir", config_dir] if config_dir else []),
         f"command={command}",
         *overrides_of(rest),
     ]

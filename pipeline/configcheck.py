@@ -6,7 +6,10 @@ allowed instead (ConfigError, exit code 2).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -17,7 +20,55 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from pipeline.config import Config, to_config, validate
 from pipeline.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def conf_dir() -> Path:
+    """The config directory every command composes from; the one place that knows where it is.
+
+    A checkout keeps it at its top, conf/ beside the package directory (an editable install
+    reads it there). A wheel carries it inside the package, site-packages/pipeline/conf
+    (pyproject.toml maps conf/ to the package `pipeline.conf`). No copy of conf/ is kept in
+    pipeline/ in the checkout.
+    """
+    packaged = Path(__file__).resolve().parent / "conf"
+    checkout = packaged.parent.parent / "conf"
+    if not (packaged / "config.yaml").is_file() and (checkout / "config.yaml").is_file():
+        return checkout
+    return packaged  # if missing too, Hydra names it: "Primary config directory not found"
+
+
+CONF_DIR = conf_dir()
+
+
+@contextlib.contextmanager
+def initialize(config_dir: str | None = None) -> Iterator[None]:
+    """Hydra's compose API on the search path `pipeline <command>` gets: CONF_DIR, then the
+    user's `--config-dir DIR` (their own presets, e.g. DIR/experiment/mine.yaml) where
+    hydra.main puts it, after the package's configs and before the structured schemas."""
+    if config_dir is None:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            yield
+        return
+    # What initialize_config_dir does, plus the one entry hydra.main adds for --config-dir
+    # (hydra/_internal/utils.py, _run_hydra).
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    version.setbase("1.3")
+    search_path = create_config_search_path(str(CONF_DIR))
+    search_path.prepend(
+        provider="command-line",
+        path=f"file://{os.path.abspath(config_dir)}",
+        anchor=SearchPathQuery(provider="schema"),
+    )
+    backup = get_gh_backup()
+    try:
+        Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
+        yield
+    finally:
+        restore_gh_from_backup(backup)
 
 
 def _keys_of(path: str) -> list[str]:
@@ -32,16 +83,22 @@ def explain(exc: Exception) -> str:
     """One line from Hydra's or OmegaConf's exception chain."""
     cause = exc.__cause__ or exc
     if isinstance(exc, MissingConfigException):
-        group = re.search(r"Could not find '([^/']+)/([^']+)'", str(exc))
+        group = re.search(r"Could not find '([^']+)/([^/']+)'", str(exc))
         # Schemas registered for the YAML files to extend are not choices of their own.
         options = [
             o for o in re.findall(r"^\t(\S+)$", str(exc), flags=re.M) if not o.endswith("_schema")
         ]
         if group:
-            return (
+            message = (
                 f"{group.group(1)}={group.group(2)} is not a config option; available: "
                 f"{', '.join(options)}"
             )
+            if group.group(1) == "hydra/launcher":  # the plugins are an optional extra
+                message += (
+                    ". The joblib and submitit launchers come with: "
+                    "pip install 'pipeline[launchers]'"
+                )
+            return message
         return str(exc).splitlines()[0]
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         key = getattr(cause, "full_key", None) or "?"
@@ -61,10 +118,11 @@ def explain(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def compose_and_check(overrides: list[str]) -> Path:
-    """Compose, type-check and range-check; return the run directory the command maps to."""
+def compose_and_check(overrides: list[str], config_dir: str | None = None) -> Path:
+    """Compose, type-check and range-check; return the run directory the command maps to.
+    `config_dir`: the user's --config-dir, searched after the package's configs (as by Hydra)."""
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize(config_dir):
             composed = compose("config", overrides=overrides, return_hydra_config=True)
             run_dir = Path(str(composed.hydra.run.dir))
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
