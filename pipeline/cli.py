@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 
 from pipeline import durable, rundir
 from pipeline.config import Config, as_dict, identity, schema_defaults, to_config, validate
+from pipeline.configcheck import CONF_DIR
 from pipeline.errors import Interrupted, PipelineError
 
 log = logging.getLogger("pipeline")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The stages each command runs, in order; finished ones are skipped.
 PLAN = {
     "train": ("data", "model", "fit", "evaluate", "export"),
@@ -162,44 +162,48 @@ def _log_unraisable(unraisable: Any) -> None:
     )
 
 
-def write_session(run_dir: Path, state: str, **extra: Any) -> None:
-    durable.write_record(run_dir / "session.json", {"state": state, "time": time.time(), **extra})
+def write_session(run: rundir.RunDir, state: str, **extra: Any) -> None:
+    durable.write_record(run.session, {"state": state, "time": time.time(), **extra})
 
 
 class Stages:
     """Runs the stages of one command on one run directory, passing plain values along."""
 
-    def __init__(self, cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -> None:
-        self.cfg, self.run_dir, self.stop = cfg, run_dir, stop
+    def __init__(self, cfg: Config, run: rundir.RunDir, stop: StopFlag, scale: Any = None) -> None:
+        self.cfg, self.run, self.stop = cfg, run, stop
         self.scale = scale  # distribute.ScaleOut under strategy=mirrored|multi_worker
         self.prepared: Any = None
 
     def data(self) -> None:
-        from pipeline.data import prepare_run_data
+        from pipeline.data import check_same_source, prepare_run_data
 
-        done = rundir.stage_record(self.run_dir, "data")
-        self.prepared = prepare_run_data(self.cfg.data, self.run_dir / "data")
-        if done is None or done["fingerprint"] != self.prepared.fingerprint:
-            rundir.finish_stage(
-                self.run_dir,
-                "data",
-                {"fingerprint": self.prepared.fingerprint, "source": self.prepared.source},
-            )
+        done = self.run.read_stage("data", owner=True)
+        prepared = prepare_run_data(self.cfg.data, rundir.data_cache(Path(self.cfg.run.outputs)))
+        check_same_source(done, prepared)
+        self.prepared = prepared
+        record = {
+            "fingerprint": prepared.fingerprint,
+            "source": prepared.source,
+            "source_sha256": prepared.source_sha256,
+            "cache": rundir.relative_to_run(self.run, prepared.directory),
+        }
+        if done is None or any(done.get(k) != v for k, v in record.items()):
+            rundir.finish_stage(self.run, "data", record)
 
     def model(self) -> None:
-        if rundir.stage_record(self.run_dir, "model"):
+        if self.run.read_stage("model", owner=True):
             return
         from pipeline.models import build_model, summary_text
 
         model = build_model(self.cfg.model, self.pixels())
-        durable.write_bytes(self.run_dir / "model_summary.txt", summary_text(model).encode())
-        rundir.finish_stage(self.run_dir, "model", {"parameters": model.count_params()})
+        durable.write_bytes(self.run.model_summary, summary_text(model).encode())
+        rundir.finish_stage(self.run, "model", {"parameters": model.count_params()})
 
     def pixels(self) -> Any:
         return self.prepared.pixels(self.cfg.data.normalize)
 
     def fit(self) -> None:
-        done = rundir.stage_record(self.run_dir, "fit")
+        done = self.run.read_stage("fit", owner=True)
         # Under a strategy every worker enters fit (it holds collectives), even when done.
         if (
             done
@@ -213,7 +217,7 @@ class Stages:
 
         # Fit cuts TensorBoard events written after the checkpoint it resumes from, evaluate's
         # included: an earlier evaluation no longer stands, even of the same final step.
-        rundir.clear_stage(self.run_dir, "evaluate")
+        rundir.clear_stage(self.run, "evaluate")
         c = self.cfg
         started = time.monotonic()
         self.stop.graceful = True
@@ -226,14 +230,14 @@ class Stages:
                 c.seed,
                 self.prepared,
                 self.pixels(),
-                self.run_dir,
+                self.run,
                 self.stop,
                 self.scale,
             )
         finally:
             self.stop.graceful = False
         rundir.finish_stage(
-            self.run_dir,
+            self.run,
             "fit",
             {
                 "epochs": c.fit.epochs,
@@ -248,15 +252,15 @@ class Stages:
         damaged, fit resumes from the newest good one and recomputes the rest exactly."""
         from pipeline import checkpoint
 
-        latest = checkpoint.load_latest(self.run_dir / "checkpoints")
+        latest = checkpoint.load_latest(self.run.checkpoints)
         return latest is not None and latest.step == done["global_step"]
 
     def evaluate(self) -> None:
         from pipeline.evaluate import choose_checkpoint, run_evaluate
 
         which = self.cfg.evaluate.checkpoint
-        ckpt = choose_checkpoint(self.run_dir / "checkpoints", which)
-        done = rundir.stage_record(self.run_dir, "evaluate")
+        ckpt = choose_checkpoint(self.run.checkpoints, which)
+        done = self.run.read_stage("evaluate", owner=True)
         if done and done["checkpoint_step"] == ckpt.step and done["checkpoint"] == which:
             log.info(
                 "evaluate: done (step %d, test accuracy %.2f%%); skipped",
@@ -264,34 +268,32 @@ class Stages:
                 100 * done["test_accuracy"],
             )
             return
-        metrics = run_evaluate(
-            self.cfg.model, self.pixels(), self.prepared, ckpt, self.run_dir, which
-        )
-        rundir.finish_stage(self.run_dir, "evaluate", metrics)
+        metrics = run_evaluate(self.cfg.model, self.pixels(), self.prepared, ckpt, self.run, which)
+        rundir.finish_stage(self.run, "evaluate", metrics)
 
     def export(self) -> None:
         from pipeline.evaluate import choose_checkpoint
         from pipeline.export import run_export
 
-        ckpt = choose_checkpoint(self.run_dir / "checkpoints", self.cfg.evaluate.checkpoint)
-        metrics = rundir.stage_record(self.run_dir, "evaluate")
+        ckpt = choose_checkpoint(self.run.checkpoints, self.cfg.evaluate.checkpoint)
+        metrics = self.run.read_stage("evaluate", owner=True)
         if metrics and metrics["checkpoint_step"] != ckpt.step:
             metrics = None
-        result = run_export(self.cfg, self.pixels(), self.prepared, ckpt, self.run_dir, metrics)
-        done = rundir.stage_record(self.run_dir, "export")
+        result = run_export(self.cfg, self.pixels(), self.prepared, ckpt, self.run, metrics)
+        done = self.run.read_stage("export", owner=True)
         if done is None or done["checkpoint_step"] != ckpt.step:
             # Also when the version was already published and only this record was lost.
-            rundir.finish_stage(self.run_dir, "export", result)
+            rundir.finish_stage(self.run, "export", result)
 
 
-def write_report(run_dir: Path) -> None:
+def write_report(run: rundir.RunDir) -> None:
     """Keep report.html current. A report that cannot be made is a warning, but a disk that
     fails (full, I/O errors) fails the command like any other write: the user must hear of
     it. Rerunning the command then only rewrites the report."""
     from pipeline.report import write_report as write
 
     try:
-        log.info("Report: %s", write(run_dir))
+        log.info("Report: %s", write(run))
     except (OSError, durable.DiskFullError, durable.DiskError):
         raise
     except PipelineError as exc:
@@ -306,21 +308,22 @@ def plan(command: str, scale: Any) -> tuple[str, ...]:
 
 
 def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -> None:
-    with rundir.RunLock(run_dir):
+    run = rundir.RunDir(run_dir)
+    with rundir.RunLock(run):
         # The run directory may come from a plain mkdir (Hydra's): make its name durable before
         # anything is committed inside it, or a power cut could take it with all its commits.
         durable.sync_ancestors(run_dir)
-        rundir.check_ours(run_dir)  # again here: sweep jobs' directories skip the pre-check
+        rundir.check_ours(run)  # again here: sweep jobs' directories skip the pre-check
         removed = durable.remove_temps(run_dir)
         if removed:
             log.info("Removed %d temporary file(s) left by an interrupted write", len(removed))
         if cfg.run.restart:
             log.info("run.restart=true: discarding the previous state of %s", run_dir)
-            rundir.restart(run_dir)
-        rundir.check_identity(run_dir, identity(cfg), as_dict(cfg), schema_defaults(cfg))
-        write_session(run_dir, "running", command=cfg.command)
+            rundir.restart(run)
+        rundir.check_identity(run, identity(cfg), as_dict(cfg), schema_defaults(cfg))
+        write_session(run, "running", command=cfg.command)
         log.info("Run directory: %s", run_dir)
-        stages = Stages(cfg, run_dir, stop, scale)
+        stages = Stages(cfg, run, stop, scale)
         try:
             for stage in plan(cfg.command, scale):
                 if stop():
@@ -330,18 +333,16 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -
                     )
                 getattr(stages, stage)()
         except Interrupted as exc:
-            write_session(run_dir, "interrupted", command=cfg.command, message=str(exc))
+            write_session(run, "interrupted", command=cfg.command, message=str(exc))
             raise
         except PipelineError as exc:
-            write_session(run_dir, "failed", command=cfg.command, message=str(exc))
+            write_session(run, "failed", command=cfg.command, message=str(exc))
             raise
-        write_session(
-            run_dir, "done" if cfg.command == "train" else "stage-done", command=cfg.command
-        )
+        write_session(run, "done" if cfg.command == "train" else "stage-done", command=cfg.command)
         if cfg.command in ("train", "evaluate", "export") and "evaluate" in plan(
             cfg.command, scale
         ):
-            write_report(run_dir)
+            write_report(run)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -386,7 +387,7 @@ def hydra_main(dict_cfg: DictConfig) -> None:
         log.debug("unexpected error", exc_info=True)
         print(
             f"error: unexpected {type(exc).__name__}: {exc}\nThe traceback is in "
-            f"{run_dir / 'pipeline.log'}; committed state is intact. Please report it.",
+            f"{rundir.RunDir(run_dir).log}; committed state is intact. Please report it.",
             file=sys.stderr,
             flush=True,
         )

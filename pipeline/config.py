@@ -138,8 +138,11 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
 
-# Keys a user may change on an existing run without starting a new one: they do not change what
-# has been trained so far. Everything else is the run's identity (see `identity`).
+# The identity rule, declared once. Keys a user may change on an existing run without starting a
+# new one, because they do not change what has been trained so far; every other key (a prefix
+# covers its sub-keys, so a new `export.*` key is compatible too) is the run's identity: it names
+# the run directory (`run_name`), is recorded in run.json and checked on every resume
+# (`identity`). `SHOWN_AS_HPARAMS`: compatible keys still shown in TensorBoard's HParams table.
 COMPATIBLE_KEYS = (
     "command",
     "run",
@@ -152,6 +155,19 @@ COMPATIBLE_KEYS = (
     "export",
     "strategy",
 )
+SHOWN_AS_HPARAMS = ("fit.epochs", "fit.early_stopping_patience", "evaluate.checkpoint", "strategy")
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
+
+
+def is_identity_key(key: str) -> bool:
+    return not _under(key, COMPATIBLE_KEYS)
+
+
+def is_hparam(key: str) -> bool:
+    return is_identity_key(key) or _under(key, SHOWN_AS_HPARAMS)
 
 
 def register_schema() -> None:
@@ -163,17 +179,28 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_name", run_name)
 
 
-def run_name(explicit: str | None, override_dirname: str) -> str:
-    """The run directory name: `run.name` if given, else the identity overrides, else `default`.
+def run_name(explicit: str | None, task_overrides: Any) -> str:
+    """The run directory name: `run.name` if given, else the command line's identity overrides
+    (sorted, `,`-joined, as Hydra's override_dirname), else `default`.
 
     The same command line always maps to the same directory, which is what makes a rerun resume.
     """
-    name = explicit if explicit else (override_dirname or "default")
+    if explicit:
+        name = explicit
+    else:
+        lines = sorted(str(o) for o in task_overrides or () if is_identity_key(override_key(o)))
+        name = ",".join(lines) or "default"
     name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", str(name))
     if len(name) > 120:
         digest = hashlib.sha256(name.encode()).hexdigest()[:10]
         name = f"{name[:100]}-{digest}"
     return name
+
+
+def override_key(line: str) -> str:
+    """The key an override sets: `+model.args.k=3` -> `model.args.k`, `model@x=mlp` -> `model`."""
+    key = str(line).split("=", 1)[0].lstrip("+~")
+    return key.split("@", 1)[0]
 
 
 def safe_name_rule(extra: str = "") -> str:
@@ -337,11 +364,7 @@ def as_dict(cfg: Config) -> dict[str, Any]:
 def identity(cfg: Config) -> dict[str, Any]:
     """The part of the config that defines what a run trains; it must not change on resume."""
     flat = _flatten(as_dict(cfg))
-    ident = {
-        key: value
-        for key, value in flat.items()
-        if not any(key == k or key.startswith(k + ".") for k in COMPATIBLE_KEYS)
-    }
+    ident = {key: value for key, value in flat.items() if is_identity_key(key)}
     if cfg.optimizer.schedule in ("cosine", "onecycle"):
         # These schedules are stretched over all epochs: more epochs, other learning rates.
         ident["fit.epochs"] = cfg.fit.epochs

@@ -9,10 +9,13 @@ records the training slice's pixel mean and std for models that standardize.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from pipeline import durable
 from pipeline.config import DataConfig, Dataset
 from pipeline.errors import PipelineError
 from pipeline.models import Pixels
+from pipeline.rundir import PREPARED
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ class Prepared:
     std: float
     fingerprint: str
     source: str
+    source_sha256: str
+    directory: Path  # the committed cache directory the arrays were read from or written to
 
     def pixels(self, normalize: str) -> Pixels:
         """How a model turns these raw pixels into its input (models own their preprocessing)."""
@@ -281,11 +287,14 @@ def prepare(
     train_size: int | None,
     test_size: int | None,
     val_fraction: float,
-    cache_dir: Path,
+    cache_root: Path,
 ) -> Prepared:
-    """Load, check, slice and cache the data of one run; reuse the cache when it matches.
+    """Load, check and slice the data; keep it once per content in `cache_root/<fingerprint>`.
 
-    A cache made from a source whose content has changed since is refused, not mixed.
+    Runs of the same data share one verified copy (a sweep does not store the dataset once per
+    run). Processes preparing the same data at once take turns (a flock per entry): the first
+    writes, the others read its committed copy. A copy that fails verification is set aside and
+    prepared again.
     """
     arrays, source_hash, origin = load_source(name, path)
     recipe = {
@@ -294,51 +303,78 @@ def prepare(
         "test_size": test_size,
         "val_fraction": val_fraction,
     }
-    if cache_dir.exists():
-        meta = _read_cache_meta(cache_dir)
-        if meta is not None:
-            if meta["source_sha256"] != source_hash:
-                raise DataError(
-                    f"The data source changed under this run: {origin} now has content "
-                    f"{source_hash[:12]}, but the run was prepared from {meta['source']} with "
-                    f"content {meta['source_sha256'][:12]}. Use the original data, or start a "
-                    "new run with run.name=<new> (or run.restart=true)"
-                )
-            if meta["recipe"] == recipe:
-                with np.load(cache_dir / "prepared.npz") as npz:
-                    cached = {k: npz[k] for k in SPLITS}
-                log.info("Data: reusing the prepared cache in %s", cache_dir)
-                return Prepared(cached, meta["mean"], meta["std"], meta["fingerprint"], origin)
-    splits = split(arrays, train_size, test_size, val_fraction)
-    mean, std = pixel_stats(splits["x_train"])
     fingerprint = hashlib.sha256(f"{source_hash}:{sorted(recipe.items())}".encode()).hexdigest()
-    _write_cache(
-        cache_dir,
-        splits,
-        {
-            "source": origin,
-            "source_sha256": source_hash,
-            "recipe": recipe,
-            "mean": mean,
-            "std": std,
-            "fingerprint": fingerprint,
-        },
-    )
+    cache_dir = cache_root / fingerprint[:FINGERPRINT_CHARS]
+    with _cache_lock(cache_root, cache_dir.name):
+        durable.remove_temps_of(cache_dir)  # a killed writer's (the lock says none is alive)
+        meta = _read_cache_meta(cache_dir) if cache_dir.exists() else None
+        if meta is not None and meta["fingerprint"] == fingerprint:
+            with durable.naming(cache_dir / PREPARED), np.load(cache_dir / PREPARED) as npz:
+                cached = {k: npz[k] for k in SPLITS}
+            log.info("Data: reusing the prepared data in %s", cache_dir)
+            return Prepared(
+                cached, meta["mean"], meta["std"], fingerprint, origin, source_hash, cache_dir
+            )
+        splits = split(arrays, train_size, test_size, val_fraction)
+        mean, std = pixel_stats(splits["x_train"])
+        _write_cache(
+            cache_dir,
+            splits,
+            {
+                "source": origin,
+                "source_sha256": source_hash,
+                "recipe": recipe,
+                "mean": mean,
+                "std": std,
+                "fingerprint": fingerprint,
+            },
+        )
     log.info(
-        "Data: %s -> %d train, %d validation, %d test images (cached in %s)",
+        "Data: %s -> %d train, %d validation, %d test images (prepared in %s)",
         origin,
         len(splits["x_train"]),
         len(splits["x_val"]),
         len(splits["x_test"]),
         cache_dir,
     )
-    return Prepared(splits, mean, std, fingerprint, origin)
+    return Prepared(splits, mean, std, fingerprint, origin, source_hash, cache_dir)
 
 
-def prepare_run_data(cfg: DataConfig, cache_dir: Path) -> Prepared:
+# Enough of the sha256 to name a cache entry (a collision would still fail the meta check).
+FINGERPRINT_CHARS = 20
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_root: Path, key: str) -> Iterator[None]:
+    """Block until no other process prepares the entry `key` (the kernel frees a dead one's)."""
+    durable.make_dirs(cache_root)
+    fd = os.open(cache_root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_same_source(recorded: dict | None, prepared: Prepared) -> None:
+    """Refuse data whose source content changed under a run (its data record says what it was
+    prepared from): the recipe is part of the run's identity, so a new fingerprint means new
+    content, and a resumed fit on other images would not be the run it continues."""
+    if recorded is None or recorded["fingerprint"] == prepared.fingerprint:
+        return
+    was = recorded.get("source_sha256", recorded["fingerprint"])[:12]
+    raise DataError(
+        f"The data source changed under this run: {prepared.source} now has content "
+        f"{prepared.source_sha256[:12]}, but the run was prepared from {recorded['source']} "
+        f"with content {was}. Use the original data, or start a new run with run.name=<new> "
+        "(or run.restart=true)"
+    )
+
+
+def prepare_run_data(cfg: DataConfig, cache_root: Path) -> Prepared:
     """`prepare` with a run's data config."""
     return prepare(
-        str(cfg.name), cfg.path, cfg.train_size, cfg.test_size, cfg.val_fraction, cache_dir
+        str(cfg.name), cfg.path, cfg.train_size, cfg.test_size, cfg.val_fraction, cache_root
     )
 
 
@@ -347,7 +383,9 @@ def _read_cache_meta(cache_dir: Path) -> dict | None:
         return durable.verify_dir(cache_dir)
     except durable.CorruptArtifact as exc:
         moved = durable.set_aside(cache_dir)
-        log.warning("Data cache failed verification (%s); set aside as %s and rebuilt", exc, moved)
+        log.warning(
+            "Prepared data failed verification (%s); set aside as %s and rebuilt", exc, moved
+        )
         return None
 
 
@@ -356,7 +394,7 @@ def _write_cache(cache_dir: Path, splits: dict[str, np.ndarray], meta: dict) -> 
         durable.set_aside(cache_dir)
     durable.write_dir(
         cache_dir,
-        lambda tmp: np.savez(tmp / "prepared.npz", **splits),  # type: ignore[arg-type]
+        lambda tmp: np.savez(tmp / PREPARED, **splits),  # type: ignore[arg-type]
         meta,
         size_hint=sum(a.nbytes for a in splits.values()),
     )

@@ -111,8 +111,9 @@ class ScaleOut:
     def load_latest(self, trainer: Any) -> Any:
         """The chief's newest good checkpoint, the same one on every worker."""
         from pipeline import checkpoint
+        from pipeline.rundir import RunDir
 
-        root = self.run_dir / "checkpoints"
+        root = RunDir(self.run_dir).checkpoints
         mine = checkpoint.load_latest(root, owner=self.worker.is_chief)
         step = -1 if mine is None else mine.step
         low, high = trainer.agree(step)

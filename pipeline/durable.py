@@ -413,6 +413,18 @@ def set_aside(path: Path) -> Path:
     return target
 
 
+def remove_temps_of(final: Path) -> list[Path]:
+    """Delete the temporaries of `final` left by killed writers (the caller knows none is
+    alive: it holds the lock that writers of `final` hold)."""
+    removed = sorted(final.parent.glob(f".{final.name}{TMP_MARK}*"))
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
 def remove_temps(directory: Path) -> list[Path]:
     """Delete temporary files and directories left by killed writes under `directory`."""
     removed: list[Path] = []

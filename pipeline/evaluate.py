@@ -14,6 +14,7 @@ from pipeline.data import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import evaluate_logits, restore_model
 from pipeline.models import ModelConfig, Pixels, build_model, inference_function
+from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def run_evaluate(
     pixels: Pixels,
     data: Prepared,
     ckpt: checkpoint.Checkpoint,
-    run_dir: Path,
+    run: RunDir,
     which: str,
 ) -> dict[str, Any]:
     model = build_model(model_cfg, pixels)
@@ -81,7 +82,7 @@ def run_evaluate(
     from pipeline import report
 
     report.record_evaluation(
-        run_dir,
+        run,
         ckpt.step,
         which,
         data.arrays["y_test"],
@@ -90,7 +91,7 @@ def run_evaluate(
         metrics,
         graph_def=report.model_graph_def(model),
     )
-    durable.write_bytes(run_dir / "metrics.json", _json(metrics))
+    durable.write_bytes(run.metrics, _json(metrics))
     log.info(
         "Evaluate: step %d (%s), test loss %.4f, test accuracy %.4f",
         ckpt.step,

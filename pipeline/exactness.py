@@ -15,7 +15,6 @@ It compares, between a reference run directory and a run directory:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import checkpoint, durable
+from pipeline.rundir import RunDir
 
 # Loop-state fields that record when and how often a run was interrupted, not what it computed.
 WALL_CLOCK_LOOP_KEYS = frozenset({"train_seconds", "resumes", "time"})
@@ -58,7 +58,10 @@ class Comparison:
         )
 
 
-def compare_runs(reference: Path, run: Path, predictions: bool = True) -> Comparison:
+def compare_runs(
+    reference: RunDir | Path, run: RunDir | Path, predictions: bool = True
+) -> Comparison:
+    reference, run = RunDir.of(reference), RunDir.of(run)
     result = Comparison()
     _compare_checkpoints(reference, run, result)
     _compare_scalars(reference, run, result)
@@ -78,8 +81,8 @@ def loop_state(meta: dict[str, Any]) -> dict[str, Any]:
     return loop
 
 
-def _compare_checkpoints(reference: Path, run: Path, result: Comparison) -> None:
-    ref_root, run_root = reference / "checkpoints", run / "checkpoints"
+def _compare_checkpoints(reference: RunDir, run: RunDir, result: Comparison) -> None:
+    ref_root, run_root = reference.checkpoints, run.checkpoints
     ref_steps, run_steps = (
         checkpoint.committed_steps(ref_root),
         checkpoint.committed_steps(run_root),
@@ -127,11 +130,11 @@ def _compare_checkpoints(reference: Path, run: Path, result: Comparison) -> None
             )
 
 
-def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+def scalars(run: RunDir) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of a run as TensorBoard's own loader reads it: tag -> [(step, value)]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run.tensorboard), size_guidance={"scalars": 0})
     acc.Reload()
     return {
         tag: [(event.step, event.value) for event in acc.Scalars(tag)]
@@ -139,7 +142,7 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def repeated_scalar_steps(run: Path) -> list[tuple[str, int]]:
+def repeated_scalar_steps(run: RunDir) -> list[tuple[str, int]]:
     """(tag, step) pairs written more than once in the raw event files. TensorBoard's loader
     hides some repeats (it purges events after a session-start marker); other readers of the
     files (the report, a plain event reader) do not, so the files themselves must hold each
@@ -150,7 +153,7 @@ def repeated_scalar_steps(run: Path) -> list[tuple[str, int]]:
     from pipeline import tblog
 
     seen: dict[tuple[str, int], int] = {}
-    for path in tblog.event_files(run / "tensorboard"):
+    for path in tblog.event_files(run.tensorboard):
         for record in RawEventFileLoader(str(path)).Load():
             event = Event.FromString(record)
             for value in event.summary.value:
@@ -160,7 +163,7 @@ def repeated_scalar_steps(run: Path) -> list[tuple[str, int]]:
     return sorted(key for key, count in seen.items() if count > 1)
 
 
-def _compare_scalars(reference: Path, run: Path, result: Comparison) -> None:
+def _compare_scalars(reference: RunDir, run: RunDir, result: Comparison) -> None:
     ref, ours = scalars(reference), scalars(run)
     for tag, values in ours.items():
         steps = [step for step, _ in values]
@@ -194,10 +197,9 @@ def _same_values(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool
     )
 
 
-def _compare_metrics(reference: Path, run: Path, result: Comparison) -> None:
+def _compare_metrics(reference: RunDir, run: RunDir, result: Comparison) -> None:
     try:
-        ref = json.loads((reference / "metrics.json").read_text())
-        ours = json.loads((run / "metrics.json").read_text())
+        ref, ours = reference.read_metrics(), run.read_metrics()
     except (OSError, ValueError) as exc:
         result.differences.append(f"metrics.json: cannot be read ({exc})")
         return
@@ -208,27 +210,29 @@ def _compare_metrics(reference: Path, run: Path, result: Comparison) -> None:
             )
 
 
-def newest_export(run: Path) -> Path | None:
-    versions = [p for p in run.glob("export/*/*") if p.name.isdigit()]
-    return max(versions, key=lambda p: int(p.name)) if versions else None
+def newest_export(run: RunDir) -> Path | None:
+    """The highest version number among every exported model's versions."""
+    found = [(v, m) for m in run.export_models() for v in run.export_versions(m)]
+    if not found:
+        return None
+    version, model = max(found, key=lambda vm: vm[0])
+    return run.export_version(model, version)
 
 
-def exported_predictions(run: Path, images: int = PREDICTION_IMAGES) -> np.ndarray:
+def exported_predictions(run: RunDir, images: int = PREDICTION_IMAGES) -> np.ndarray:
     """Probabilities of the run's newest SavedModel (loaded by TensorFlow, not by us) on the
     run's own test images, read from its verified data cache."""
     import tensorflow as tf
 
     version = newest_export(run)
     if version is None:
-        raise FileNotFoundError(f"no exported version under {run / 'export'}")
-    durable.verify_dir(run / "data")
-    with np.load(run / "data" / "prepared.npz") as npz:
-        x = npz["x_test"][:images]
+        raise FileNotFoundError(f"no exported version under {run.export_dir}")
+    x = run.prepared_data("x_test")["x_test"][:images]
     serve = tf.saved_model.load(str(version)).signatures["serving_default"]
     return serve(image=tf.constant(x))["probabilities"].numpy()
 
 
-def _compare_predictions(reference: Path, run: Path, result: Comparison) -> None:
+def _compare_predictions(reference: RunDir, run: RunDir, result: Comparison) -> None:
     try:
         ref, ours = exported_predictions(reference), exported_predictions(run)
     except (OSError, durable.CorruptArtifact) as exc:

@@ -33,6 +33,7 @@ from pipeline.data import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import make_optimizer, restore_model, restore_optimizer
 from pipeline.models import Pixels, build_model, with_probabilities
+from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
 # The TFLite interpreter still ships with TF 2.21; its deprecation notice is noise for users.
@@ -47,16 +48,10 @@ class ExportVerificationError(PipelineError):
     pass
 
 
-def versions(model_root: Path) -> list[int]:
-    if not model_root.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_root.iterdir() if p.name.isdigit())
-
-
-def published_for_step(model_root: Path, step: int) -> Path | None:
+def published_for_step(run: RunDir, model_name: str, step: int) -> Path | None:
     """An existing version exported from checkpoint `step` that still verifies."""
-    for version in reversed(versions(model_root)):
-        path = model_root / str(version)
+    for version in reversed(run.export_versions(model_name)):
+        path = run.export_version(model_name, version)
         try:
             meta = durable.verify_dir(path)
         except durable.CorruptArtifact as exc:
@@ -128,7 +123,11 @@ def reload_predictions(fmt: str, path: Path, images: np.ndarray) -> np.ndarray:
         out = loaded.signatures["serving_default"](image=tf.constant(images))
         return out["probabilities"].numpy()
     if fmt == "tflite":
-        interpreter = tf.lite.Interpreter(model_path=str(path))
+        # From bytes, not the path: the interpreter mmaps a path, and a disk error on a mapped
+        # page kills the process with SIGBUS instead of raising (found by --disk-faults).
+        with durable.naming(path):
+            content = path.read_bytes()
+        interpreter = tf.lite.Interpreter(model_content=content)
         runner = interpreter.get_signature_runner("serving_default")
         return np.concatenate(
             [runner(image=images[i : i + 1])["probabilities"] for i in range(len(images))]
@@ -173,12 +172,12 @@ def run_export(
     pixels: Pixels,
     data: Prepared,
     ckpt: checkpoint.Checkpoint,
-    run_dir: Path,
+    run: RunDir,
     metrics: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Publish a new verified version for `ckpt`, or return the one already published."""
-    model_root = run_dir / "export" / cfg.export.model_name
-    existing = published_for_step(model_root, ckpt.step)
+    model_name = cfg.export.model_name
+    existing = published_for_step(run, model_name, ckpt.step)
     if existing is not None:
         log.info("Export: %s already holds checkpoint step %d", existing, ckpt.step)
         return {"path": str(existing), "checkpoint_step": ckpt.step, "skipped": True}
@@ -251,8 +250,8 @@ def run_export(
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
         durable.failpoint("export_before_publish")
 
-    version = (versions(model_root) or [0])[-1] + 1
-    final = model_root / str(version)
+    version = (run.export_versions(model_name) or [0])[-1] + 1
+    final = run.export_version(model_name, version)
     durable.write_dir(final, fill, {"checkpoint_step": ckpt.step, "diffs": diffs})
     log.info(
         "Export: published %s (max probability differences %s)",

@@ -33,6 +33,7 @@ from pipeline.config import (
 from pipeline.data import Prepared
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.models import ModelConfig, Pixels, after_restore, build_model, inference_function
+from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 1000
@@ -353,21 +354,21 @@ def run_fit(
     seed: int,
     data: Prepared,
     pixels: Pixels,
-    run_dir: Path,
+    run: RunDir,
     should_stop: Callable[[], bool] = lambda: False,
     scale: Any = None,
 ) -> dict[str, Any]:
     """Train to `fit_cfg.epochs`, resuming from the newest good checkpoint; return a summary.
 
     `scale` (a distribute.ScaleOut, or None for one device) trains under a tf.distribute
-    strategy; `run_dir` is then where this worker writes, and it restores from the chief's.
+    strategy; `run` is then where this worker writes, and it restores from the chief's.
     """
     if scale is None:
         trainer = Trainer(model_cfg, opt_cfg, fit_cfg, seed, data, pixels)
     else:
         trainer = scale.trainer(model_cfg, opt_cfg, fit_cfg, seed, data, pixels)
         should_stop = scale.stop_flag(trainer, should_stop)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run.checkpoints
     state = LoopState()
     latest = checkpoint.load_latest(ckpt_root) if scale is None else scale.load_latest(trainer)
     if latest is not None:
@@ -381,7 +382,7 @@ def run_fit(
             state.step_in_epoch,
             trainer.steps_per_epoch,
         )
-    tb_dir = run_dir / "tensorboard"
+    tb_dir = run.tensorboard
     tb_dir.mkdir(parents=True, exist_ok=True)
     if latest is not None:
         reached = tblog.last_step(tb_dir)

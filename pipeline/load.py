@@ -14,27 +14,30 @@ from typing import TYPE_CHECKING
 
 from pipeline import durable, models
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
     import keras
 
 
-def load_model(run: str | Path, checkpoint: str | int = "latest") -> keras.Model:
+def load_model(run: str | Path | RunDir, checkpoint: str | int = "latest") -> keras.Model:
     """The model of run directory `run` at `checkpoint` ("latest", "best" or a step number):
     raw pixels (uint8 [N, 28, 28]) to probabilities."""
     from pipeline.evaluate import choose_checkpoint
     from pipeline.fit import restore_model
 
-    run_dir = Path(run)
+    run_dir = RunDir.of(run)
     try:
-        stored = durable.read_record(run_dir / "run.json")["config"]["model"]
+        stored = run_dir.read_run_record()["config"]["model"]
     except FileNotFoundError as exc:
-        raise PipelineError(f"{run_dir} is not a run directory (no run.json)") from exc
+        raise PipelineError(
+            f"{run_dir.root} is not a run directory (no {run_dir.run_record.name})"
+        ) from exc
     except (durable.CorruptArtifact, KeyError, TypeError) as exc:
-        raise PipelineError(f"{run_dir / 'run.json'} is damaged ({exc})") from exc
+        raise PipelineError(f"{run_dir.run_record} is damaged ({exc})") from exc
     cfg = models.config_class(stored["name"])(**stored)
     # Built with default pixel statistics: restoring the checkpoint brings the run's own.
     model = models.build_model(cfg)
-    chosen = choose_checkpoint(run_dir / "checkpoints", str(checkpoint), owner=False)
+    chosen = choose_checkpoint(run_dir.checkpoints, str(checkpoint), owner=False)
     restore_model(model, chosen.arrays)
     return models.with_probabilities(model)

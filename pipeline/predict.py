@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline import durable
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir, run_dirs_under
 
 DESCRIPTION = """\
 Classify digits with the newest exported model of a run.
@@ -234,7 +235,7 @@ def read_array(path: Path) -> np.ndarray:
     return np.rint(values).astype(np.uint8).reshape(-1, 28, 28)
 
 
-def read_inputs(files: list[str], test_index: list[int], run_dir: Path) -> Inputs:
+def read_inputs(files: list[str], test_index: list[int], run_dir: RunDir | Path) -> Inputs:
     inputs = Inputs()
     for name in files:
         path = Path(name)
@@ -246,15 +247,21 @@ def read_inputs(files: list[str], test_index: list[int], run_dir: Path) -> Input
         else:
             inputs.add(name, read_image(path))
     if test_index:
-        cache = run_dir / "data" / "prepared.npz"
+        run = RunDir.of(run_dir)
         try:
-            with np.load(cache) as npz:
-                x_test, y_test = npz["x_test"], npz["y_test"]
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            test = run.prepared_data("x_test", "y_test")
+        except (
+            OSError,
+            KeyError,
+            ValueError,
+            zipfile.BadZipFile,
+            durable.CorruptArtifact,
+        ) as exc:  # the data stage sets a damaged cache aside and prepares it again
             raise UsageError(
-                f"cannot read the run's test set {cache} ({exc}); prepare it "
+                f"cannot read the run's test set in {run.data} ({exc}); prepare it "
                 "with: python -m pipeline data <the run's overrides>"
             ) from exc
+        x_test, y_test = test["x_test"], test["y_test"]
         for i in test_index:
             if i >= len(x_test):
                 raise UsageError(
@@ -275,14 +282,22 @@ def read_inputs(files: list[str], test_index: list[int], run_dir: Path) -> Input
 
 def choose_run(overrides: list[str]) -> tuple[Path, str]:
     """The run directory and export model name these overrides select (no TensorFlow)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
-    from pipeline.configcheck import CONF_DIR, compose_and_check
+    from pipeline.configcheck import compose_and_check, initialize
 
     run_dir = compose_and_check(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize():
         model_name = str(compose("config", overrides=overrides).export.model_name)
-    if not (run_dir / "run.json").exists():
+    if not overrides or all(o.startswith("run.outputs=") for o in overrides):
+        # No override names a run: with a single run under outputs, that is the one meant.
+        runs = run_dirs_under(run_dir.parent)
+        if not RunDir(run_dir).run_record.exists() and len(runs) == 1:
+            print(f"(the only run under {run_dir.parent}: {runs[0].name})", file=sys.stderr)
+            run_dir = runs[0]
+            config = RunDir(run_dir).read_run_record().get("config", {})
+            model_name = str(config.get("export", {}).get("model_name", model_name))
+    if not RunDir(run_dir).run_record.exists():
         raise UsageError(
             f"no run at {run_dir}. Train it with: python -m pipeline train "
             f"{' '.join(overrides)}".rstrip()
@@ -291,15 +306,12 @@ def choose_run(overrides: list[str]) -> tuple[Path, str]:
 
 
 def choose_export(
-    run_dir: Path, model_name: str, overrides: list[str], version: int | None
+    run_dir: RunDir | Path, model_name: str, overrides: list[str], version: int | None
 ) -> tuple[Path, dict[str, Any]]:
     """The newest (or the asked-for) export version that verifies, and its manifest meta."""
-    root = run_dir / "export" / model_name
-    found = (
-        sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
-        if root.is_dir()
-        else []
-    )
+    run = RunDir.of(run_dir)
+    run_dir, root = run.root, run.export_root(model_name)
+    found = sorted(run.export_versions(model_name), reverse=True)
     if not found:
         raise UsageError(
             f"run {run_dir} has no export in {root}. Export it with: python -m "
@@ -314,7 +326,7 @@ def choose_export(
         found = [version]
     problems = []
     for number in found:
-        path = root / str(number)
+        path = run.export_version(model_name, number)
         try:
             return path, durable.verify_dir(path)
         except durable.CorruptArtifact as exc:

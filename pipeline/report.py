@@ -6,7 +6,7 @@ Two halves:
   (`predictions.npz`) and writes TensorBoard summaries through `tblog.EventLog` (confusion matrix
   and worst mistakes as images, the test metrics, the HParams plugin's session info and the
   model graph), replacing what an earlier evaluation of the same step wrote.
-* `write_report(run_dir)` reads a run directory (no TensorFlow) and writes `report.html`: one
+* `write_report(run)` reads a run directory (no TensorFlow) and writes `report.html`: one
   self-contained file (images inlined as base64 PNGs, CSS inline, no external URLs) with the
   config, learning curves, confusion matrix, per-class precision/recall, the worst mistakes,
   the checkpoint/export inventory with sha256, stage timings and the resume history.
@@ -19,6 +19,7 @@ import base64
 import datetime
 import html
 import json
+import os
 import struct
 import sys
 import zipfile
@@ -29,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import durable, rundir, visuals
+from pipeline.config import is_hparam
+from pipeline.rundir import RunDir
 
-PREDICTIONS = "predictions.npz"
-REPORT = "report.html"
 WORST = 16
 TAG_CONFUSION = "evaluate/confusion_matrix"
 TAG_MISTAKES = "evaluate/worst_mistakes"
@@ -39,8 +40,6 @@ TAG_ACCURACY = "evaluate/test_accuracy"
 TAG_LOSS = "evaluate/test_loss"
 EVALUATE_TAGS = frozenset({TAG_CONFUSION, TAG_MISTAKES, TAG_ACCURACY, TAG_LOSS})
 HPARAMS_TAGS = frozenset({"_hparams_/session_start_info", "_hparams_/session_end_info"})
-# Config keys that are not hyperparameters: where things go and how often they are saved.
-NOT_HPARAMS = ("command", "run.", "data.path", "fit.log_every_steps", "checkpoint.", "export.")
 
 
 # ================================================================ at evaluate
@@ -56,21 +55,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def hparam_values(run_dir: Path, which: str) -> dict[str, bool | int | float | str]:
+def hparam_values(run: RunDir, which: str) -> dict[str, bool | int | float | str]:
     """The run's hyperparameters, from run.json (its config as created) with the values a
     compatible change may have moved since: fit.epochs (the fit record) and which checkpoint
     is evaluated. None becomes "null", lists their string form."""
-    record = durable.read_record(run_dir / "run.json")
+    record = run.read_run_record()
     flat = flatten(record.get("config", {}))
-    fit = rundir.stage_record(run_dir, "fit")
+    fit = run.read_stage("fit", owner=True)  # called by the evaluate stage, which holds the lock
     if fit and "epochs" in fit:
         flat["fit.epochs"] = fit["epochs"]
     flat["evaluate.checkpoint"] = which
     values: dict[str, bool | int | float | str] = {}
     for key, value in sorted(flat.items()):
-        if any(
-            key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in NOT_HPARAMS
-        ):
+        if not is_hparam(key):
             continue
         if value is None:
             values[key] = "null"
@@ -90,7 +87,7 @@ def model_graph_def(model: Any) -> bytes:
 
 
 def record_evaluation(
-    run_dir: Path,
+    run: RunDir,
     step: int,
     which: str,
     labels: np.ndarray,
@@ -111,7 +108,7 @@ def record_evaluation(
     worst = visuals.worst_mistakes(labels, probabilities, WORST)
     worst_images = np.asarray(images)[worst].reshape(-1, 28, 28).astype(np.uint8)
     durable.write_file(
-        run_dir / PREDICTIONS,
+        run.predictions,
         lambda tmp: np.savez_compressed(
             tmp,
             labels=labels,
@@ -132,7 +129,7 @@ def record_evaluation(
         f"Most confident mistakes, checkpoint step {step}",
     )
 
-    tb_dir = run_dir / "tensorboard"
+    tb_dir = run.tensorboard
 
     def stale(event: Any) -> bool:
         if event.graph_def:
@@ -150,8 +147,8 @@ def record_evaluation(
         events.image(TAG_MISTAKES, mistakes_png, step, *visuals.png_size(mistakes_png))
         events.scalar(TAG_ACCURACY, metrics["test_accuracy"], step)
         events.scalar(TAG_LOSS, metrics["test_loss"], step)
-        created = durable.read_record(run_dir / "run.json").get("created")
-        events.hparams(hparam_values(run_dir, which), group_name=run_dir.name, start_time=created)
+        created = run.read_run_record().get("created")
+        events.hparams(hparam_values(run, which), group_name=run.name, start_time=created)
         if graph_def is not None:
             events.graph(graph_def, step)
     finally:
@@ -159,16 +156,6 @@ def record_evaluation(
 
 
 # ================================================================ reading a run
-
-
-def _record(path: Path) -> tuple[Any, str | None]:
-    """(record, None), or (None, why it could not be read)."""
-    if not path.exists():
-        return None, "missing"
-    try:
-        return durable.read_record(path), None
-    except durable.CorruptArtifact as exc:
-        return None, str(exc)
 
 
 def read_events(path: Path) -> list[Any]:
@@ -224,27 +211,12 @@ def tensorboard_sessions(
     return {tag: sorted(values.items()) for tag, values in scalars.items()}, sessions
 
 
-def inventory(run_dir: Path) -> list[dict[str, Any]]:
+def inventory(run: RunDir) -> list[dict[str, Any]]:
     """Every committed directory (data cache, checkpoints, export versions) with its manifest
     and whether it verifies now; directories set aside as corrupt are listed too."""
-    candidates: list[tuple[str, Path]] = [("data cache", run_dir / "data")]
-    ckpt_root = run_dir / "checkpoints"
-    if ckpt_root.is_dir():
-        candidates += [
-            ("checkpoint", p)
-            for p in sorted(ckpt_root.iterdir())
-            if p.is_dir() and p.name.startswith("step-")
-        ]
-    export_root = run_dir / "export"
-    if export_root.is_dir():
-        for model_root in sorted(p for p in export_root.iterdir() if p.is_dir()):
-            versions = [
-                p for p in model_root.iterdir() if p.is_dir() and not p.name.startswith(".")
-            ]
-            versions.sort(
-                key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
-            )
-            candidates += [("export", p) for p in versions]
+    candidates: list[tuple[str, Path]] = [("prepared data (shared)", run.data)]
+    candidates += [("checkpoint", p) for p in run.checkpoint_dirs()]
+    candidates += [("export", p) for p in run.export_dirs()]
     rows = []
     for kind, path in candidates:
         if not path.is_dir():
@@ -275,8 +247,8 @@ def inventory(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_predictions(run_dir: Path) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    path = run_dir / PREDICTIONS
+def load_predictions(run: RunDir) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    path = run.predictions
     if not path.exists():
         return None, None
     try:
@@ -466,7 +438,7 @@ def _evaluation(
 ) -> str:
     if predictions is None:
         why = problem or (
-            f"No {PREDICTIONS} yet: run the evaluate stage "
+            f"No {rundir.PREDICTIONS} yet: run the evaluate stage "
             "(python -m pipeline evaluate run.name=...)."
         )
         return f'<p class="note">{esc(why)}</p>'
@@ -554,10 +526,10 @@ def _config(record: dict[str, Any] | None, problem: str | None, fit: dict[str, A
     )
 
 
-def _timings(run_dir: Path, sessions: list[dict[str, Any]]) -> str:
+def _timings(run: RunDir, sessions: list[dict[str, Any]]) -> str:
     rows, previous = [], None
     for stage in rundir.STAGES:
-        rec, _ = _record(run_dir / "stages" / f"{stage}.json")
+        rec = run.read_stage(stage)
         if not rec:
             rows.append([esc(stage), '<span class="muted">not done</span>', "-", "-", ""])
             continue
@@ -574,7 +546,7 @@ def _timings(run_dir: Path, sessions: list[dict[str, Any]]) -> str:
                 f"step {r.get('checkpoint_step', '-')}, test accuracy "
                 f"{_pct(r.get('test_accuracy'))}"
             ),
-            "export": lambda r: _relative(r.get("path", "-"), run_dir),
+            "export": lambda r: _relative(r.get("path", "-"), run.root),
         }[stage](rec)
         rows.append([esc(stage), _when(finished), _duration(took), _duration(gap), esc(detail)])
         previous = finished if finished is not None else previous
@@ -639,11 +611,12 @@ def _resumes(resumes: list[dict[str, Any]]) -> str:
 
 
 def _inventory(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """`rows` of `inventory`, their paths shown relative to `run_dir`."""
     if not rows:
         return '<p class="muted">No checkpoints or exports yet.</p>'
     parts = []
     for row in rows:
-        rel = row["path"].relative_to(run_dir)
+        rel = Path(os.path.relpath(row["path"], run_dir))  # shared data sits beside the run
         status = (
             f'<span class="ok">{esc(row["status"])}</span>'
             if row["ok"]
@@ -684,29 +657,34 @@ def _inventory(run_dir: Path, rows: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-def render(run_dir: Path) -> str:
+def render(run_dir: RunDir | Path) -> str:
+    """The report of a run, read only: a damaged record shows as missing and stays put."""
     from pipeline import status
 
-    info = status.describe(run_dir)
-    run_record, run_problem = _record(run_dir / "run.json")
-    fit, _ = _record(run_dir / "stages" / "fit.json")
+    run = RunDir.of(run_dir)
+    info = status.describe(run)
+    run_record: dict[str, Any] | None = None
+    try:
+        run_record, run_problem = run.read_run_record(), None
+    except FileNotFoundError:
+        run_problem = "missing"
+    except durable.CorruptArtifact as exc:
+        run_problem = str(exc)
+    fit = run.read_stage("fit")
     metrics = None
-    if (run_dir / "metrics.json").exists():
-        try:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        except ValueError:
-            metrics = None
-        except OSError as exc:
-            if durable.is_disk_failure(exc):
-                raise
-            metrics = None
-    loop: dict[str, Any] = {}
-    if info["latest_checkpoint"]:
-        manifest, _ = _record(Path(info["latest_checkpoint"]) / durable.MANIFEST)
-        loop = ((manifest or {}).get("meta") or {}).get("loop", {})
-    scalars, sessions = tensorboard_sessions(run_dir / "tensorboard")
-    predictions, problem = load_predictions(run_dir)
-    summary_txt = run_dir / "model_summary.txt"
+    try:
+        metrics = run.read_metrics()
+    except ValueError:
+        metrics = None
+    except OSError as exc:
+        if durable.is_disk_failure(exc):
+            raise
+        metrics = None
+    _, meta = run.latest_checkpoint_meta() or (None, {})
+    loop: dict[str, Any] = meta.get("loop", {})
+    scalars, sessions = tensorboard_sessions(run.tensorboard)
+    predictions, problem = load_predictions(run)
+    summary_txt = run.model_summary
     model = (
         f"<pre>{esc(summary_txt.read_text())}</pre>"
         if summary_txt.exists()
@@ -718,9 +696,9 @@ def render(run_dir: Path) -> str:
             _section("curves", _curves(loop.get("history", []), scalars, loop.get("resumes", []))),
             _section("evaluation", _evaluation(predictions, problem, metrics)),
             _section("config", _config(run_record, run_problem, fit)),
-            _section("timings", _timings(run_dir, sessions)),
+            _section("timings", _timings(run, sessions)),
             _section("resumes", _resumes(loop.get("resumes", []))),
-            _section("inventory", _inventory(run_dir, inventory(run_dir))),
+            _section("inventory", _inventory(run.root, inventory(run))),
             _section("model", model),
         ]
     )
@@ -729,19 +707,19 @@ def render(run_dir: Path) -> str:
     latest = Path(info["latest_checkpoint"]).name if info["latest_checkpoint"] else "-"
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>Run {esc(run_dir.name)}: report</title><style>{CSS}</style></head>\n"
-        f"<body><main><h1>Run <code>{esc(run_dir.name)}</code></h1>"
-        f'<p class="sub">{esc(run_dir)} · report generated {generated} · '
+        f"<title>Run {esc(run.name)}: report</title><style>{CSS}</style></head>\n"
+        f"<body><main><h1>Run <code>{esc(run.name)}</code></h1>"
+        f'<p class="sub">{esc(run.root)} · report generated {generated} · '
         f"newest checkpoint {esc(latest)}"
         f"</p><nav>{nav}</nav>\n{body}</main></body></html>\n"
     )
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write `run_dir/report.html` atomically and return its path."""
-    path = run_dir / REPORT
-    durable.write_bytes(path, render(run_dir).encode("utf-8"))
-    return path
+def write_report(run_dir: RunDir | Path) -> Path:
+    """Write the run's report.html atomically and return its path."""
+    run = RunDir.of(run_dir)
+    durable.write_bytes(run.report, render(run).encode("utf-8"))
+    return run.report
 
 
 # ================================================================ command line

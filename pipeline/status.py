@@ -11,15 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint, durable, rundir
+from pipeline import rundir
 from pipeline.errors import ConfigError
-
-
-def _record(path: Path) -> dict[str, Any] | None:
-    try:
-        return durable.read_record(path) if path.exists() else None
-    except (durable.CorruptArtifact, FileNotFoundError):  # damaged, or deleted while read
-        return None
+from pipeline.rundir import RunDir
 
 
 def _disk_bytes(run_dir: Path) -> int:
@@ -35,33 +29,31 @@ def _disk_bytes(run_dir: Path) -> int:
     return total
 
 
-def run_state(run_dir: Path) -> str:
-    if rundir.is_running(run_dir):
-        holder = rundir.lock_holder(run_dir / ".lock") or {}
+def run_state(run_dir: RunDir | Path) -> str:
+    run = RunDir.of(run_dir)
+    if rundir.is_running(run):
+        holder = rundir.lock_holder(run.lock) or {}
         if holder.get("pid") != os.getpid():  # the holder's own report shows its session state
             return "running"
-    session = _record(run_dir / "session.json") or {}
+    session = run.read_session() or {}
     state = session.get("state", "new")
     # A session that says "running" while nobody holds the lock was killed.
     return "interrupted" if state == "running" else state
 
 
-def describe(run_dir: Path) -> dict[str, Any]:
-    stages = {s: _record(run_dir / "stages" / f"{s}.json") for s in rundir.STAGES}
-    steps = checkpoint.committed_steps(run_dir / "checkpoints")
-    latest = checkpoint.path_for(run_dir / "checkpoints", steps[-1]) if steps else None
-    meta: dict[str, Any] = {}
-    if latest is not None:
-        manifest = _record(latest / durable.MANIFEST)
-        meta = (manifest or {}).get("meta", {})
+def describe(run_dir: RunDir | Path) -> dict[str, Any]:
+    """One run's row; reading only, so a damaged record shows as missing and stays put."""
+    run = RunDir.of(run_dir)
+    stages = {s: run.read_stage(s) for s in rundir.STAGES}
+    latest, meta = run.latest_checkpoint_meta() or (None, {})
     loop = meta.get("loop", {})
     history = loop.get("history", [])
     evaluate = stages["evaluate"] or {}
-    session = _record(run_dir / "session.json") or {}
+    session = run.read_session() or {}
     return {
-        "name": run_dir.name,
-        "dir": str(run_dir),
-        "state": run_state(run_dir),
+        "name": run.name,
+        "dir": str(run.root),
+        "state": run_state(run),
         "message": session.get("message"),
         "stages_done": [s for s, rec in stages.items() if rec],
         "epoch": loop.get("epoch"),
@@ -72,7 +64,8 @@ def describe(run_dir: Path) -> dict[str, Any]:
         "latest_checkpoint": str(latest) if latest else None,
         "checkpoint_age_s": time.time() - meta["time"] if "time" in meta else None,
         "resumes": loop.get("resumes", []),
-        "disk_bytes": _disk_bytes(run_dir),
+        "disk_bytes": _disk_bytes(run.root),  # the run's own files: its data is shared
+        "data_dir": str(run.data),
     }
 
 
@@ -112,6 +105,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "BEST VAL",
         "TEST ACC",
         "CHECKPOINT",
+        "DISK",
         "DIRECTORY",
     )
     lines = [header]
@@ -126,6 +120,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 _fmt(r["best_val_accuracy"], True),
                 _fmt(r["test_accuracy"], True),
                 _age(r["checkpoint_age_s"]),
+                f"{r['disk_bytes'] / 1e6:.1f} MB",
                 r["dir"],
             )
         )
@@ -149,10 +144,20 @@ def main(args: list[str]) -> int:
         print("No runs yet. Start one with: python -m pipeline train")
     else:
         print(table(rows))
+        for cache in sorted({rundir.data_cache(Path(r["dir"]).parent) for r in rows}):
+            entries = [p for p in cache.glob("*") if p.is_dir() and "." not in p.name]
+            if entries:
+                size = sum(_disk_bytes(p) for p in entries)
+                print(
+                    f"\nshared prepared data: {len(entries)} dataset(s), {size / 1e6:.1f} MB "
+                    f"in {cache}"
+                )
         if any(a.startswith("run.name=") for a in args):
             row = rows[0]
             print(f"\nlatest checkpoint: {row['latest_checkpoint'] or '-'}")
-            print(f"disk usage: {row['disk_bytes'] / 1e6:.1f} MB")
+            print(
+                f"disk usage: {row['disk_bytes'] / 1e6:.1f} MB (prepared data: {row['data_dir']})"
+            )
             if row["message"]:
                 print(f"last message: {row['message']}")
             for r in row["resumes"]:

@@ -47,6 +47,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.rundir import LOG, RunDir, run_dirs_under
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "scripts" / "reference_convnet.py"
 SELF = Path(__file__).resolve()
@@ -220,7 +222,7 @@ def last_json_line(path: Path) -> dict[str, Any]:
 
 
 def only_run_dir(outputs: Path) -> Path:
-    runs = [p.parent for p in outputs.glob("*/run.json")]
+    runs = run_dirs_under(outputs)
     if len(runs) != 1:
         raise BenchmarkError(f"expected one run under {outputs}, found {runs}")
     return runs[0]
@@ -274,7 +276,7 @@ def pipeline_train_side(
         ]
         finished = run(pipeline_cmd("train", overrides), where / "train.log")
         run_dir = only_run_dir(outputs)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = RunDir(run_dir).read_metrics()
         history = newest_checkpoint_history(run_dir)
         epoch_steps = {row["step"] for row in history}
         result = {
@@ -297,17 +299,16 @@ def pipeline_train_side(
 
 def newest_checkpoint_history(run_dir: Path) -> list[dict[str, Any]]:
     """The loop history (one row per epoch) in the newest checkpoint's manifest meta."""
-    newest = max(checkpoint_steps(run_dir))
-    manifest = json.loads(
-        (run_dir / "checkpoints" / f"step-{newest:09d}" / "MANIFEST.json").read_text()
-    )
-    return manifest["data"]["meta"]["loop"]["history"]
+    found = RunDir(run_dir).latest_checkpoint_meta()
+    if found is None:
+        raise BenchmarkError(f"no checkpoint in {run_dir}")
+    return found[1]["loop"]["history"]
 
 
 def checkpoint_steps(run_dir: Path) -> set[int]:
     return {
         int(p.name[5:])
-        for p in (run_dir / "checkpoints").glob("step-*")
+        for p in RunDir(run_dir).checkpoints.glob("step-*")
         if re.fullmatch(r"step-\d{9}", p.name)
     }
 
@@ -465,7 +466,7 @@ def launch_to_first_step(
 ) -> dict[str, Any]:
     """Seconds from launching `cmd` to the first-step line its session adds to pipeline.log
     (wall clock on both ends); the process is killed once the line is there."""
-    already = {p: p.stat().st_size for p in outputs.glob("*/pipeline.log")}
+    already = {p: p.stat().st_size for p in outputs.glob(f"*/{LOG}")}
     with open(log, "w") as out:
         launched = time.time()
         process = subprocess.Popen(
@@ -488,7 +489,7 @@ def wait_for_first_step(
 ) -> float | None:
     while time.time() < deadline:
         exited = process.poll() is not None
-        for path in outputs.glob("*/pipeline.log"):
+        for path in outputs.glob(f"*/{LOG}"):
             with open(path, errors="replace") as handle:
                 handle.seek(already.get(path, 0))
                 match = FIRST_STEP.search(handle.read())
@@ -642,17 +643,15 @@ def figure_input_pipeline(raw: dict[str, Any]) -> Figure:
 def score_checkpoints_worker(run_dir: Path) -> None:
     """Print the test accuracy of every epoch-end checkpoint of a run, with the epoch's
     train_seconds from the newest checkpoint's loop history."""
-    import numpy as np
-
-    from pipeline import checkpoint, durable, models
+    from pipeline import checkpoint, models
     from pipeline.fit import evaluate_logits, restore_model
 
-    stored = durable.read_record(run_dir / "run.json")["config"]["model"]
+    run = RunDir(run_dir)
+    stored = run.read_run_record()["config"]["model"]
     model_cfg = models.config_class(stored["name"])(**stored)
-    durable.verify_dir(run_dir / "data")
-    with np.load(run_dir / "data" / "prepared.npz") as npz:
-        x_test, y_test = npz["x_test"], npz["y_test"]
-    root = run_dir / "checkpoints"
+    test = run.prepared_data("x_test", "y_test")
+    x_test, y_test = test["x_test"], test["y_test"]
+    root = run.checkpoints
     # Built with default pixel statistics: restoring a checkpoint brings the run's own.
     model = models.build_model(model_cfg)
     logits = models.inference_function(model)
@@ -687,7 +686,7 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = to_config(compose("config", overrides=overrides))
     with tempfile.TemporaryDirectory() as cache:
-        data = prepare_run_data(cfg.data, Path(cache) / "data")
+        data = prepare_run_data(cfg.data, Path(cache))
     trainer = Trainer(
         cfg.model, cfg.optimizer, cfg.fit, cfg.seed, data, data.pixels(cfg.data.normalize)
     )

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import checkpoint, durable, exactness, rundir
+from pipeline.rundir import RunDir
 
 DEFAULT_CONFIG = [
     "data=sample",
@@ -93,7 +94,7 @@ def pipeline(args: list[str], outputs: Path, env: dict[str, str] | None = None) 
 
 
 def run_dir_of(outputs: Path) -> Path | None:
-    runs = [p.parent for p in outputs.glob("*/run.json")]
+    runs = rundir.run_dirs_under(outputs)
     return runs[0] if runs else None
 
 
@@ -101,7 +102,7 @@ def stage_in_progress(run_dir: Path | None) -> str:
     """The first stage without a finished record: where the process was when it died."""
     if run_dir is None:
         return "startup"
-    done = {p.stem for p in (run_dir / "stages").glob("*.json")}
+    done = {p.stem for p in RunDir(run_dir).stages_dir.glob("*.json")}
     return next((s for s in STAGE_ORDER if s not in done), "done")
 
 
@@ -118,7 +119,7 @@ def wait_until_locked(outputs: Path, proc: subprocess.Popen, timeout: float = 30
 def newest_checkpoint(run_dir: Path | None) -> Path | None:
     if run_dir is None:
         return None
-    steps = sorted((run_dir / "checkpoints").glob("step-?????????"))
+    steps = sorted(RunDir(run_dir).checkpoints.glob("step-?????????"))
     return steps[-1] if steps else None
 
 
@@ -159,7 +160,7 @@ class Victim:
         """Damaged checkpoints the pipeline detected and set aside so far."""
         if run_dir is None:
             return 0
-        return len(list((run_dir / "checkpoints").glob("step-*.corrupt*")))
+        return len(list(RunDir(run_dir).checkpoints.glob("step-*.corrupt*")))
 
 
 def verify(victim: Victim, ref_dir: Path, run_dir: Path | None) -> list[str]:
@@ -174,7 +175,7 @@ def verify(victim: Victim, ref_dir: Path, run_dir: Path | None) -> list[str]:
             f"{len(victim.corruptions)} checkpoints were damaged but {detected} were set aside: "
             "a damaged checkpoint was trusted or lost"
         )
-    leftovers = [str(p) for p in run_dir.rglob(f"*{durable.TMP_MARK}*")]
+    leftovers = debris(run_dir)
     if leftovers:
         problems.append(f"temporary files left over: {leftovers[:3]}")
     return problems
@@ -322,7 +323,7 @@ def main() -> int:
     corruptions = [c for v in victims for c in v.corruptions]
     run_dir = run_dir_of(victim_root)
     assert run_dir is not None
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = RunDir(run_dir).read_metrics()
     print("\n== crash test summary ==")
     print(f"config: train {' '.join(config)}")
     print(f"kills injected: {total_kills} (by stage: {dict(sorted(kills_by_stage.items()))})")
@@ -428,7 +429,7 @@ def committed_by(run_dir: Path | None, pid: int) -> list[Path]:
     if run_dir is None:
         return []
     try:
-        text = (run_dir / "pipeline.log").read_text(errors="replace")
+        text = RunDir(run_dir).log.read_text(errors="replace")
     except OSError:
         return []
     return [Path(m.group(1)) for m in COMMITTED.finditer(text) if int(m.group(2)) == pid]
@@ -436,14 +437,14 @@ def committed_by(run_dir: Path | None, pid: int) -> list[Path]:
 
 def checkpoint_step(path: Path) -> int | None:
     match = re.fullmatch(r"step-(\d{9})", path.name)
-    return int(match.group(1)) if match and path.parent.name == "checkpoints" else None
+    return int(match.group(1)) if match and path.parent.name == rundir.CHECKPOINTS else None
 
 
 def newest_verifying(run_dir: Path | None, skip: set[str]) -> int:
     """Step of the newest checkpoint that verifies (read only; 0 if none), ignoring `skip`."""
     if run_dir is None:
         return 0
-    root = run_dir / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     for step in reversed(checkpoint.committed_steps(root)):
         path = checkpoint.path_for(root, step)
         if str(path) in skip:
@@ -471,26 +472,28 @@ def audit(run_dir: Path | None, skip: set[str]) -> list[str]:
         try:
             how(path)
         except (durable.CorruptArtifact, OSError, ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{path.relative_to(run_dir)}: {exc}")
+            problems.append(f"{os.path.relpath(path, run_dir)}: {exc}")
 
     def npz(path: Path) -> None:
         with np.load(path) as arrays:
             for name in arrays.files:
                 arrays[name]
 
-    for path in sorted((run_dir / "checkpoints").glob("step-?????????")):
+    run = RunDir(run_dir)
+    for path in sorted(run.checkpoints.glob("step-?????????")):
         check(path, durable.verify_dir)
-    check(run_dir / "data", durable.verify_dir)
-    for path in sorted(run_dir.glob("export/*/*")):
-        if path.name.isdigit():
-            check(path, durable.verify_dir)
-    for path in [run_dir / "run.json", run_dir / "session.json"]:
+    for path in shared_data(run_dir):  # every committed entry, also one no record names yet
+        check(path, durable.verify_dir)
+    for model in run.export_models():
+        for version in run.export_versions(model):
+            check(run.export_version(model, version), durable.verify_dir)
+    for path in [run.run_record, run.session]:
         check(path, durable.read_record)
-    for path in sorted((run_dir / "stages").glob("*.json")):
+    for path in sorted(run.stages_dir.glob("*.json")):
         if durable.TMP_MARK not in path.name:
             check(path, durable.read_record)
-    check(run_dir / "metrics.json", lambda p: json.loads(p.read_text()))
-    check(run_dir / "predictions.npz", npz)
+    check(run.metrics, lambda p: json.loads(p.read_text()))
+    check(run.predictions, npz)
     return problems
 
 
@@ -499,8 +502,16 @@ def set_aside(path: Path) -> int:
     return len(list(path.parent.glob(f"{path.name}.corrupt*")))
 
 
+def shared_data(run_dir: Path) -> list[Path]:
+    """The committed entries of the prepared-data cache beside the run (rundir.data_cache)."""
+    cache = rundir.data_cache(run_dir.parent)
+    return sorted(p for p in cache.glob("*") if p.is_dir() and "." not in p.name)
+
+
 def debris(run_dir: Path) -> list[str]:
-    return [str(p) for p in run_dir.rglob(f"*{durable.TMP_MARK}*")]
+    cache = rundir.data_cache(run_dir.parent)
+    found = [*run_dir.rglob(f"*{durable.TMP_MARK}*"), *cache.glob(f"*{durable.TMP_MARK}*")]
+    return [str(p) for p in found]
 
 
 class CampaignFailed(Exception):
@@ -510,7 +521,7 @@ class CampaignFailed(Exception):
 def reference_for(args: argparse.Namespace, config: list[str]) -> tuple[Path, float]:
     """The uninterrupted run to compare with: --reference, or a fresh run on plain disk."""
     if args.reference is not None:
-        if not (args.reference / "run.json").exists():
+        if not RunDir(args.reference).run_record.exists():
             sys.exit(f"error: --reference {args.reference} is not a run directory")
         seconds = float(os.environ.get("CRASH_TEST_REFERENCE_SECONDS", "20"))
         print(f"reference run: {args.reference} (given)", flush=True)
@@ -546,7 +557,7 @@ def verify_finished(
         return None, ["the victim finished without a run directory"]
     comparison = exactness.compare_runs(ref_dir, run_dir)
     problems = list(comparison.differences)
-    detected = len(list((run_dir / "checkpoints").glob("step-*.corrupt*")))
+    detected = len(list(RunDir(run_dir).checkpoints.glob("step-*.corrupt*")))
     if detected != corruptions:
         problems.append(
             f"{corruptions} checkpoints were damaged by the harness but {detected} were set "
@@ -648,7 +659,7 @@ def power_cut_campaign(args: argparse.Namespace, config: list[str]) -> int:
                     )
                 if cuts >= args.cuts:
                     assert run_dir is not None
-                    metrics = json.loads((run_dir / "metrics.json").read_text())
+                    metrics = RunDir(run_dir).read_metrics()
                     break
                 outputs = fresh_victim(fs)
                 victim = Victim(victim.number + 1)
@@ -982,7 +993,7 @@ def disk_fault_campaign(args: argparse.Namespace, config: list[str]) -> int:
                 return 1
             if injected >= args.faults:
                 assert run_dir is not None
-                metrics = json.loads((run_dir / "metrics.json").read_text())
+                metrics = RunDir(run_dir).read_metrics()
                 break
             outputs = fresh_victim(fs)
             victim = Victim(victim.number + 1)
@@ -1062,10 +1073,10 @@ def reader_campaign(args: argparse.Namespace, config: list[str]) -> int:
             by_stage[stage] += 1
             problem = None
             if kind == "tensorboard":
-                if run_dir is None or not (run_dir / "tensorboard").is_dir():
+                if run_dir is None or not RunDir(run_dir).tensorboard.is_dir():
                     continue
                 try:
-                    acc = EventAccumulator(str(run_dir / "tensorboard"))
+                    acc = EventAccumulator(str(RunDir(run_dir).tensorboard))
                     acc.Reload()
                     steps = {t: [e.step for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
                 except Exception as exc:  # noqa: BLE001 - any failure of the loader is one

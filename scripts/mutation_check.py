@@ -141,7 +141,7 @@ MUTATIONS = [
         (
             (
                 "pipeline/cli.py",
-                '        rundir.clear_stage(self.run_dir, "evaluate")\n',
+                '        rundir.clear_stage(self.run, "evaluate")\n',
                 "",
             ),
         ),

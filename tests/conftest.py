@@ -80,7 +80,9 @@ def start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subp
 
 
 def only_run_dir(outputs: Path) -> Path:
-    runs = [p.parent for p in outputs.glob("*/run.json")]
+    from pipeline.rundir import run_dirs_under
+
+    runs = run_dirs_under(outputs)
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -88,8 +90,9 @@ def only_run_dir(outputs: Path) -> Path:
 def final_state(run_dir: Path) -> dict[str, np.ndarray]:
     """Every array of the newest checkpoint, read through the verified loader."""
     from pipeline import checkpoint
+    from pipeline.rundir import RunDir
 
-    latest = checkpoint.load_latest(run_dir / "checkpoints")
+    latest = checkpoint.load_latest(RunDir(run_dir).checkpoints)
     assert latest is not None, f"no checkpoint verifies in {run_dir}"
     return latest.arrays
 
@@ -123,6 +126,8 @@ def scalar_steps(run_dir: Path, tag: str) -> list[int]:
     """Steps of a scalar as TensorBoard's own loader sees them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    from pipeline.rundir import RunDir
+
+    acc = EventAccumulator(str(RunDir(run_dir).tensorboard))
     acc.Reload()
     return [event.step for event in acc.Scalars(tag)]

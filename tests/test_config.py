@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import cli
+from hydra import compose, initialize_config_dir
 
 from pipeline.configcheck import compose_and_check
 from pipeline.errors import ConfigError
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +71,28 @@ def test_run_directory_is_derived_from_identity_overrides() -> None:
     assert compose_and_check([]) == Path("outputs/default")
     assert compose_and_check(["run.name=mine", "model=mlp"]) == Path("outputs/mine")
     assert compose_and_check(["experiment=tutorial"]) == Path("outputs/experiment=tutorial")
+
+
+def test_identity_rule_is_one_rule_for_every_key_of_the_schema() -> None:
+    """The run directory's name, the resume check (run.json's identity) and the HParams table
+    follow config.COMPATIBLE_KEYS for every key of the schema (every model's included); no
+    second list exists (Hydra's exclude_keys is not used)."""
+    from pipeline import config
+
+    assert "exclude_keys" not in (CONF / "config.yaml").read_text()
+    for model in ("cnn", "mlp", "lenet", "custom"):
+        overrides = [f"model={model}"] + (["model.builder=a:b"] if model == "custom" else [])
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = config.to_config(compose("config", overrides=overrides))
+        identity = config.identity(cfg)
+        for key in config.schema_defaults(cfg):
+            named = config.run_name(None, [f"{key}=1"]) != "default"
+            assert named == config.is_identity_key(key), key
+            if key != "fit.epochs":  # also identity under stretched schedules (cosine, onecycle)
+                assert (key in identity) == config.is_identity_key(key), key
+            assert config.is_hparam(key) or not config.is_identity_key(key), key
+    # A key added to export.* (or any compatible group) never renames existing runs.
+    assert config.run_name(None, ["export.some_future_key=1", "checkpoint.keep=9"]) == "default"
 
 
 def test_tutorial_experiment_is_the_classic_setup() -> None:

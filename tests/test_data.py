@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -371,8 +373,8 @@ def prepare(path: Path, cache: Path, **overrides):
 
 def test_prepare_writes_a_verified_cache(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     source = write_npz(tmp_path / "mnist.npz", arrays)
-    cache = tmp_path / "run" / "data"
-    prepared = prepare(source, cache)
+    root = tmp_path / "outputs" / ".cache" / "data"
+    prepared = prepare(source, root)
     assert {k: len(v) for k, v in prepared.arrays.items()} == {
         "x_train": 40,
         "y_train": 40,
@@ -384,8 +386,9 @@ def test_prepare_writes_a_verified_cache(tmp_path: Path, arrays: dict[str, np.nd
     mean, std = data.pixel_stats(arrays["x_train"][:40])
     assert (prepared.mean, prepared.std) == (mean, std)
     assert prepared.source == str(source)
-    meta = durable.verify_dir(cache)
-    assert meta["source_sha256"] == expected_hash([source])
+    assert prepared.directory == root / prepared.fingerprint[: data.FINGERPRINT_CHARS]
+    meta = durable.verify_dir(prepared.directory)
+    assert meta["source_sha256"] == prepared.source_sha256 == expected_hash([source])
     assert meta["fingerprint"] == prepared.fingerprint
     assert meta["recipe"] == {
         "name": "mnist",
@@ -393,13 +396,13 @@ def test_prepare_writes_a_verified_cache(tmp_path: Path, arrays: dict[str, np.nd
         "test_size": 10,
         "val_fraction": 0.2,
     }
-    assert sorted(p.name for p in cache.iterdir()) == ["MANIFEST.json", "prepared.npz"]
+    assert sorted(p.name for p in prepared.directory.iterdir()) == ["MANIFEST.json", "prepared.npz"]
 
 
 def test_prepared_data_stays_raw_pixels(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     # Models own their preprocessing: the data stage never scales or normalizes.
     source = write_npz(tmp_path / "mnist.npz", arrays)
-    prepared = prepare(source, tmp_path / "data")
+    prepared = prepare(source, tmp_path / "cache")
     assert prepared.arrays["x_train"].dtype == np.uint8
     assert np.array_equal(prepared.arrays["x_train"], arrays["x_train"][:40])
 
@@ -408,13 +411,13 @@ def test_prepare_reuses_cache(
     tmp_path: Path, arrays: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> None:
     source = write_npz(tmp_path / "mnist.npz", arrays)
-    cache = tmp_path / "data"
-    first = prepare(source, cache)
-    cached_file = cache / "prepared.npz"
+    root = tmp_path / "cache"
+    first = prepare(source, root)
+    cached_file = first.directory / "prepared.npz"
     before = cached_file.stat()
     with caplog.at_level(logging.INFO, logger="pipeline.data"):
-        second = prepare(source, cache)
-    assert f"Data: reusing the prepared cache in {cache}" in caplog.messages
+        second = prepare(source, root)
+    assert f"Data: reusing the prepared data in {first.directory}" in caplog.messages
     after = cached_file.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert (second.mean, second.std, second.fingerprint, second.source) == (
@@ -424,61 +427,110 @@ def test_prepare_reuses_cache(
         first.source,
     )
     assert_same(second.arrays, first.arrays)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mnist.npz"]
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == [
+        first.directory.name
+    ]
 
 
-def test_prepare_rebuilds_for_another_recipe(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+def test_prepare_keeps_one_entry_per_recipe(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     source = write_npz(tmp_path / "mnist.npz", arrays)
-    cache = tmp_path / "data"
-    first = prepare(source, cache)
-    second = prepare(source, cache, val_fraction=0.4)
+    root = tmp_path / "cache"
+    first = prepare(source, root)
+    second = prepare(source, root, val_fraction=0.4)
     assert len(second.arrays["x_val"]) == 20 and len(second.arrays["x_train"]) == 30
     assert second.fingerprint != first.fingerprint
-    assert durable.verify_dir(cache)["recipe"]["val_fraction"] == 0.4
+    assert durable.verify_dir(second.directory)["recipe"]["val_fraction"] == 0.4
+    assert durable.verify_dir(first.directory)["recipe"]["val_fraction"] == 0.2  # both kept
 
 
-def test_prepare_refuses_changed_source(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+def recorded(prepared: data.Prepared) -> dict:
+    """What a run's data record keeps of the data it was prepared from."""
+    return {
+        "fingerprint": prepared.fingerprint,
+        "source": prepared.source,
+        "source_sha256": prepared.source_sha256,
+    }
+
+
+def test_a_run_refuses_a_changed_source(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     source = write_npz(tmp_path / "mnist.npz", arrays)
-    cache = tmp_path / "data"
-    prepare(source, cache)
+    first = prepare(source, tmp_path / "cache")
     old = expected_hash([source])
     changed = arrays["x_train"].copy()
     changed[0, 0, 0] ^= 1
     write_npz(source, {**arrays, "x_train": changed})
     new = expected_hash([source])
+    second = prepare(source, tmp_path / "cache")
     with pytest.raises(DataError) as info:
-        prepare(source, cache)
+        data.check_same_source(recorded(first), second)
     assert str(info.value).startswith(
         f"The data source changed under this run: {source} now has content {new[:12]}, but the "
         f"run was prepared from {source} with content {old[:12]}. Use the original data, or "
         "start a new run with run.name=<new> (or run.restart=true)"
     )
-    assert durable.verify_dir(cache)["source_sha256"] == old  # the cache is left alone
+    assert durable.verify_dir(first.directory)["source_sha256"] == old  # the old copy stays
+    data.check_same_source(recorded(first), first)
+    data.check_same_source(None, second)  # a new run takes any data
 
 
-def test_prepare_refuses_changed_idx_source(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+def test_a_run_refuses_a_changed_idx_source(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     write_idx_dir(tmp_path / "idx", arrays, gz=True)
-    cache = tmp_path / "data"
-    prepare(tmp_path / "idx", cache)
+    first = prepare(tmp_path / "idx", tmp_path / "cache")
     labels = arrays["y_test"].copy()
     labels[0] = (labels[0] + 1) % 10
     (tmp_path / "idx" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    second = prepare(tmp_path / "idx", tmp_path / "cache")
     with pytest.raises(DataError, match=r"^The data source changed under this run: IDX files in "):
-        prepare(tmp_path / "idx", cache)
+        data.check_same_source(recorded(first), second)
 
 
 def test_prepare_sets_aside_corrupt_cache(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
     source = write_npz(tmp_path / "mnist.npz", arrays)
-    cache = tmp_path / "data"
-    first = prepare(source, cache)
-    npz = cache / "prepared.npz"
+    root = tmp_path / "cache"
+    first = prepare(source, root)
+    npz = first.directory / "prepared.npz"
     raw = bytearray(npz.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     npz.write_bytes(bytes(raw))
-    second = prepare(source, cache)
+    second = prepare(source, root)
     assert_same(second.arrays, first.arrays)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "data.corrupt", "mnist.npz"]
-    durable.verify_dir(cache)
+    name = first.directory.name
+    entries = sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock"))
+    assert entries == [name, f"{name}.corrupt"]
+    durable.verify_dir(first.directory)
+
+
+PREPARE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from pipeline import data
+prepared = data.prepare("mnist", sys.argv[1], 50, 10, 0.2, Path(sys.argv[2]))
+print(prepared.directory)
+"""
+
+
+def test_processes_preparing_the_same_data_at_once_share_one_copy(
+    tmp_path: Path, arrays: dict[str, np.ndarray]
+) -> None:
+    """A parallel sweep: four processes prepare the same data at the same moment; they take
+    turns on the entry's lock, one writes, the others read its committed copy."""
+    source = write_npz(tmp_path / "mnist.npz", arrays)
+    root = tmp_path / "cache"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PREPARE_IN_A_PROCESS, str(source), str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert len({out.strip() for out, _ in outputs}) == 1
+    entries = [p for p in root.iterdir() if not p.name.endswith(".lock")]
+    assert len(entries) == 1 and not list(root.glob("*.tmp-*"))
+    durable.verify_dir(entries[0])
 
 
 # ---------------------------------------------------------------- the bundled sample

@@ -126,7 +126,7 @@ DATA = ["data", "data=sample", "data.train_size=200", "data.test_size=100"]
         ("write", "*/pipeline.log", "EIO", "/pipeline.log: Input/output error"),
         ("create", "*/.hydra/config.yaml", "EIO", "/.hydra/config.yaml: Input/output error"),
         ("flush", "*/.hydra/overrides.yaml", "EIO", ",data=sample: Input/output error"),
-        ("write", "*/.data.tmp-*/prepared.npz", "ENOSPC", "No space left writing "),
+        ("write", "*/.cache/data/.*.tmp-*/prepared.npz", "ENOSPC", "No space left writing "),
         ("fsync", "*/stages/.data.tmp-*.json", "EIO", "/stages/data.json: Input/output error"),
         ("truncate", "*/.lock", "EIO", "/.lock: Input/output error"),
     ],

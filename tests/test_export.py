@@ -17,6 +17,7 @@ import pytest
 from conftest import SMALL, cli, only_run_dir
 
 from pipeline import durable
+from pipeline.rundir import RunDir
 
 SAVED_MODEL_CLI = Path(sys.executable).with_name("saved_model_cli")
 # A small run that classifies well (about 96% on its 300 test images), with every export format
@@ -51,8 +52,8 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def held_out(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The run's own test images and labels, from its data cache."""
-    with np.load(run_dir / "data" / "prepared.npz") as npz:
-        return npz["x_test"], npz["y_test"]
+    test = RunDir(run_dir).prepared_data("x_test", "y_test")
+    return test["x_test"], test["y_test"]
 
 
 def saved_model_cli(*args: str) -> subprocess.CompletedProcess:
@@ -279,8 +280,8 @@ def test_keras_file_reloads_with_optimizer_state(
     moments = [v for v in model.optimizer.variables if "momentum" in v.path]
     assert moments and any(np.any(v.numpy() != 0) for v in moments)
     # Training continues from there: one more step on real images counts as step 31.
-    with np.load(reference_run[0] / "data" / "prepared.npz") as npz:
-        x, y = npz["x_train"][:50], npz["y_train"][:50]
+    train = RunDir(reference_run[0]).prepared_data("x_train", "y_train")
+    x, y = train["x_train"][:50], train["y_train"][:50]
     model.train_on_batch(x, y)  # raw pixels: the model owns its preprocessing
     assert int(model.optimizer.iterations.numpy()) == 31
 

@@ -45,8 +45,11 @@ def test_disk_full_while_caching_data(tmp_path: Path) -> None:
     result = cli(["data", *SMALL], tmp_path, max_file_bytes=100_000)
     assert result.returncode == 1
     run_dir = only_run_dir(tmp_path / "outputs")
-    assert f"error: No space left writing {run_dir}/data: it needs 0.6 MB" in result.stderr
-    assert not (run_dir / "data").exists() and not list(run_dir.rglob("*.tmp-*"))
+    cache = tmp_path / "outputs" / ".cache" / "data"
+    assert f"error: No space left writing {cache}/" in result.stderr
+    assert ": it needs 0.6 MB" in result.stderr
+    assert not list(cache.iterdir()) or all(p.name.endswith(".lock") for p in cache.iterdir())
+    assert not list(run_dir.rglob("*.tmp-*"))
     assert cli(["data", *SMALL], tmp_path).returncode == 0
 
 

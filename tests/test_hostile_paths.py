@@ -105,7 +105,7 @@ def test_restart_removes_symlinks_without_following_them(world: Path) -> None:
     assert cli(args, world).returncode == 0
     run = world / "outputs" / "r"
     (run / "export").symlink_to(world / "export")
-    (run / "data" / "evil").symlink_to(world / "checkpoints")
+    (run / "stages" / "evil").symlink_to(world / "checkpoints")
     (run / "metrics.json").symlink_to(world / "data" / "metrics.json")
     before = snapshot(home, skip=world / "outputs")
     result = cli([*args, "run.restart=true"], world)

@@ -209,20 +209,26 @@ def test_damaged_run_json(tmp_path: Path, damage: str) -> None:
 
 
 def test_stage_records(tmp_path: Path) -> None:
-    assert rundir.stage_record(tmp_path, "fit") is None
-    rundir.finish_stage(tmp_path, "fit", {"step": 30})
-    record = rundir.stage_record(tmp_path, "fit")
+    run = rundir.RunDir(tmp_path)
+    assert run.read_stage("fit") is None
+    rundir.finish_stage(run, "fit", {"step": 30})
+    record = run.read_stage("fit")
+    assert record is not None
     assert record["step"] == 30 and isinstance(record["finished"], float)
-    rundir.clear_stage(tmp_path, "fit")
-    assert rundir.stage_record(tmp_path, "fit") is None
+    rundir.clear_stage(run, "fit")
+    assert run.read_stage("fit", owner=True) is None
     rundir.clear_stage(tmp_path, "fit")  # clearing a missing record is fine
 
 
-def test_damaged_stage_record_is_set_aside(tmp_path: Path) -> None:
-    rundir.finish_stage(tmp_path, "data", {"ok": True})
-    path = tmp_path / "stages" / "data.json"
+def test_damaged_stage_record_is_set_aside_by_the_owner_only(tmp_path: Path) -> None:
+    run = rundir.RunDir(tmp_path)
+    rundir.finish_stage(run, "data", {"ok": True})
+    path = tmp_path / "stages" / "data.json"  # the on-disk layout itself
     path.write_bytes(path.read_bytes()[:-5])
-    assert rundir.stage_record(tmp_path, "data") is None
+    damaged = path.read_bytes()
+    assert run.read_stage("data") is None  # a reader (status, report) leaves it as it is
+    assert path.read_bytes() == damaged
+    assert run.read_stage("data", owner=True) is None
     assert sorted(p.name for p in path.parent.iterdir()) == ["data.json.corrupt"]
 
 

@@ -198,8 +198,38 @@ def test_run_without_export(tmp_path: Path, good: Path) -> None:
     )
 
 
+def test_damaged_test_set_is_refused_and_left_in_place(tmp_path: Path, good: Path) -> None:
+    """--test-index reads the run's data cache only once it verifies; predict is a reader, so
+    the damaged cache stays where it is (the data stage sets it aside and rebuilds it)."""
+    from pipeline.rundir import PREPARED, RunDir
+
+    copy = RunDir(tmp_path / "outputs" / good.name)
+    shutil.copytree(good, copy.root)
+    shutil.copytree(good.parent / ".cache", copy.root.parent / ".cache")  # its shared data
+    cache = copy.data / PREPARED
+    raw = bytearray(cache.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    cache.write_bytes(bytes(raw))
+    result = cli(["predict", *GOOD, "--test-index", "0"], tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sha256 mismatch" in lines[0], lines
+    shared = copy.data.relative_to(tmp_path)
+    assert lines[0].startswith(f"error: cannot read the run's test set in {shared}")
+    assert cache.read_bytes() == bytes(raw) and not list(copy.data.parent.glob("*.corrupt*"))
+
+
 def test_help_documents_the_inputs(tmp_path: Path) -> None:
     result = cli(["predict", "--help"], tmp_path, timeout=60)
     assert result.returncode == 0
     for text in ("--test-index", "--json", ".npy", "centre of mass", "20", "invert"):
         assert text in result.stdout, text
+
+
+def test_the_only_run_needs_no_overrides(good: Path, digits: dict[str, np.ndarray]) -> None:
+    """Under an outputs folder holding one run, `predict --test-index` finds it unnamed."""
+    i = int(digits["index"][3])
+    result = cli(["predict", "--test-index", str(i)], good.parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert f"the only run under outputs: {good.name}" in result.stderr
+    assert predicted(result.stdout)[0][1] == 3

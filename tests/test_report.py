@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline import checkpoint, durable, report, visuals
+from pipeline.rundir import RunDir
 
 IMG = re.compile(
     r'<img data-figure="([^"]+)" alt="[^"]*" width="(\d+)" '
@@ -152,7 +153,7 @@ def section(text: str, key: str) -> str:
 
 def test_predictions_saved_by_evaluate_match_metrics(run_copy: Path) -> None:
     metrics = json.loads((run_copy / "metrics.json").read_text())
-    with np.load(run_copy / report.PREDICTIONS) as npz:
+    with np.load(RunDir(run_copy).predictions) as npz:
         labels, probs = npz["labels"], npz["probabilities"]
         assert int(npz["checkpoint_step"]) == metrics["checkpoint_step"]
         worst, worst_images = npz["worst_index"], npz["worst_images"]
@@ -279,7 +280,7 @@ def test_report_shows_resumes(run_copy: Path) -> None:
 
 
 def test_report_of_a_run_not_evaluated_yet(run_copy: Path) -> None:
-    (run_copy / report.PREDICTIONS).unlink()
+    RunDir(run_copy).predictions.unlink()
     (run_copy / "metrics.json").unlink()
     shutil.rmtree(run_copy / "export")
     (run_copy / "stages" / "evaluate.json").unlink()

@@ -24,6 +24,7 @@ from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from pipeline import durable, report, tblog, visuals
+from pipeline.rundir import RunDir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -146,7 +147,7 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(
     tb = outputs / "second" / "tensorboard"
     tblog.drop_events(tb, lambda e: any(v.tag in report.HPARAMS_TAGS for v in e.summary.value))
     log = tblog.EventLog(tb)
-    values = report.hparam_values(outputs / "second", "latest")
+    values = report.hparam_values(RunDir(outputs / "second"), "latest")
     log.hparams({**values, "fit.batch_size": 100}, group_name="second")
     log.close()
 
