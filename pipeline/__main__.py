@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
             run_dir = precheck(command, rest, config_dir)
     except PipelineError as exc:
         fail(str(exc), exc.exit_code)
+    except OSError as exc:  # reading the run directory on a failing disk (found by --disk-faults)
+        from pipeline.durable import disk_error
+
+        fail(str(disk_error(exc)), 1)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Hydra's argparse wants its options before the overrides.
     options = [a for a in rest if a not in overrides_of(rest)]

@@ -17,20 +17,12 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import durable, rundir
+from pipeline import durable, rundir, stages
 from pipeline.config import Config, as_dict, identity, schema_defaults, to_config, validate
 from pipeline.configcheck import CONF_DIR
 from pipeline.errors import Interrupted, PipelineError
 
 log = logging.getLogger("pipeline")
-# The stages each command runs, in order; finished ones are skipped.
-PLAN = {
-    "train": ("data", "model", "fit", "evaluate", "export"),
-    "data": ("data",),
-    "fit": ("data", "model", "fit"),
-    "evaluate": ("data", "evaluate"),
-    "export": ("data", "evaluate", "export"),  # a version always carries its test metrics
-}
 
 
 class JobFailed(CompactHydraException):
@@ -166,126 +158,6 @@ def write_session(run: rundir.RunDir, state: str, **extra: Any) -> None:
     durable.write_record(run.session, {"state": state, "time": time.time(), **extra})
 
 
-class Stages:
-    """Runs the stages of one command on one run directory, passing plain values along."""
-
-    def __init__(self, cfg: Config, run: rundir.RunDir, stop: StopFlag, scale: Any = None) -> None:
-        self.cfg, self.run, self.stop = cfg, run, stop
-        self.scale = scale  # distribute.ScaleOut under strategy=mirrored|multi_worker
-        self.prepared: Any = None
-
-    def data(self) -> None:
-        from pipeline.data import check_same_source, prepare_run_data
-
-        done = self.run.read_stage("data", owner=True)
-        prepared = prepare_run_data(self.cfg.data, rundir.data_cache(Path(self.cfg.run.outputs)))
-        check_same_source(done, prepared)
-        self.prepared = prepared
-        record = {
-            "fingerprint": prepared.fingerprint,
-            "source": prepared.source,
-            "source_sha256": prepared.source_sha256,
-            "cache": rundir.relative_to_run(self.run, prepared.directory),
-        }
-        if done is None or any(done.get(k) != v for k, v in record.items()):
-            rundir.finish_stage(self.run, "data", record)
-
-    def model(self) -> None:
-        if self.run.read_stage("model", owner=True):
-            return
-        from pipeline.models import build_model, summary_text
-
-        model = build_model(self.cfg.model, self.pixels())
-        durable.write_bytes(self.run.model_summary, summary_text(model).encode())
-        rundir.finish_stage(self.run, "model", {"parameters": model.count_params()})
-
-    def pixels(self) -> Any:
-        return self.prepared.pixels(self.cfg.data.normalize)
-
-    def fit(self) -> None:
-        done = self.run.read_stage("fit", owner=True)
-        # Under a strategy every worker enters fit (it holds collectives), even when done.
-        if (
-            done
-            and self.scale is None
-            and done["epochs"] >= self.cfg.fit.epochs
-            and self._final_checkpoint_ok(done)
-        ):
-            log.info("fit: done (%d epochs, step %d); skipped", done["epochs"], done["global_step"])
-            return
-        from pipeline.fit import run_fit
-
-        # Fit cuts TensorBoard events written after the checkpoint it resumes from, evaluate's
-        # included: an earlier evaluation no longer stands, even of the same final step.
-        rundir.clear_stage(self.run, "evaluate")
-        c = self.cfg
-        started = time.monotonic()
-        self.stop.graceful = True
-        try:
-            summary = run_fit(
-                c.model,
-                c.optimizer,
-                c.fit,
-                c.checkpoint,
-                c.seed,
-                self.prepared,
-                self.pixels(),
-                self.run,
-                self.stop,
-                self.scale,
-            )
-        finally:
-            self.stop.graceful = False
-        rundir.finish_stage(
-            self.run,
-            "fit",
-            {
-                "epochs": c.fit.epochs,
-                "global_step": summary["global_step"],
-                "seconds_this_session": time.monotonic() - started,
-                **summary,
-            },
-        )
-
-    def _final_checkpoint_ok(self, done: dict[str, Any]) -> bool:
-        """A finished fit counts only while its last checkpoint verifies; if that one was
-        damaged, fit resumes from the newest good one and recomputes the rest exactly."""
-        from pipeline import checkpoint
-
-        latest = checkpoint.load_latest(self.run.checkpoints)
-        return latest is not None and latest.step == done["global_step"]
-
-    def evaluate(self) -> None:
-        from pipeline.evaluate import choose_checkpoint, run_evaluate
-
-        which = self.cfg.evaluate.checkpoint
-        ckpt = choose_checkpoint(self.run.checkpoints, which)
-        done = self.run.read_stage("evaluate", owner=True)
-        if done and done["checkpoint_step"] == ckpt.step and done["checkpoint"] == which:
-            log.info(
-                "evaluate: done (step %d, test accuracy %.2f%%); skipped",
-                ckpt.step,
-                100 * done["test_accuracy"],
-            )
-            return
-        metrics = run_evaluate(self.cfg.model, self.pixels(), self.prepared, ckpt, self.run, which)
-        rundir.finish_stage(self.run, "evaluate", metrics)
-
-    def export(self) -> None:
-        from pipeline.evaluate import choose_checkpoint
-        from pipeline.export import run_export
-
-        ckpt = choose_checkpoint(self.run.checkpoints, self.cfg.evaluate.checkpoint)
-        metrics = self.run.read_stage("evaluate", owner=True)
-        if metrics and metrics["checkpoint_step"] != ckpt.step:
-            metrics = None
-        result = run_export(self.cfg, self.pixels(), self.prepared, ckpt, self.run, metrics)
-        done = self.run.read_stage("export", owner=True)
-        if done is None or done["checkpoint_step"] != ckpt.step:
-            # Also when the version was already published and only this record was lost.
-            rundir.finish_stage(self.run, "export", result)
-
-
 def write_report(run: rundir.RunDir) -> None:
     """Keep report.html current. A report that cannot be made is a warning, but a disk that
     fails (full, I/O errors) fails the command like any other write: the user must hear of
@@ -300,11 +172,33 @@ def write_report(run: rundir.RunDir) -> None:
         log.warning("Could not write the run report: %s", exc)
 
 
-def plan(command: str, scale: Any) -> tuple[str, ...]:
-    """The stages to run; a non-chief worker only prepares data and trains (in its scratch)."""
+def plan(command: str, scale: Any) -> tuple[stages.Stage, ...]:
+    """The stages to run (pipeline/stages.py); a non-chief worker of a strategy runs only those
+    every worker runs (it prepares data and trains, in its scratch)."""
+    planned = stages.plan(command)
     if scale is None or scale.worker.is_chief:
-        return PLAN[command]
-    return tuple(s for s in PLAN[command] if s in ("data", "fit"))
+        return planned
+    return tuple(s for s in planned if s.every_worker)
+
+
+def run_stages(ctx: stages.Context, planned: tuple[stages.Stage, ...]) -> None:
+    """Run `planned` in order: skip a finished stage (logging its note), else run it and keep
+    its record."""
+    for stage in planned:
+        if ctx.stop():
+            raise Interrupted(
+                f"Interrupted before the {stage.name} stage; run the same "
+                "command again to continue."
+            )
+        implementation = stage.implementation()
+        note = implementation.is_done(ctx)
+        if note is not None:
+            if note:
+                log.info("%s", note)
+            continue
+        record = implementation.run(ctx)
+        if record is not None:
+            rundir.finish_stage(ctx.run, stage.name, record)
 
 
 def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -> None:
@@ -323,15 +217,9 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -
         rundir.check_identity(run, identity(cfg), as_dict(cfg), schema_defaults(cfg))
         write_session(run, "running", command=cfg.command)
         log.info("Run directory: %s", run_dir)
-        stages = Stages(cfg, run, stop, scale)
+        planned = plan(cfg.command, scale)
         try:
-            for stage in plan(cfg.command, scale):
-                if stop():
-                    raise Interrupted(
-                        f"Interrupted before the {stage} stage; run the same "
-                        "command again to continue."
-                    )
-                getattr(stages, stage)()
+            run_stages(stages.Context(cfg, run, stop, scale), planned)
         except Interrupted as exc:
             write_session(run, "interrupted", command=cfg.command, message=str(exc))
             raise
@@ -339,9 +227,7 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -
             write_session(run, "failed", command=cfg.command, message=str(exc))
             raise
         write_session(run, "done" if cfg.command == "train" else "stage-done", command=cfg.command)
-        if cfg.command in ("train", "evaluate", "export") and "evaluate" in plan(
-            cfg.command, scale
-        ):
+        if any(stage.name == "evaluate" for stage in planned):
             write_report(run)
 
 

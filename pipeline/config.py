@@ -20,8 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from pipeline import models
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig
-
-COMMANDS = ("train", "data", "fit", "evaluate", "export")
+from pipeline.stages import COMMANDS  # the command words, from the stage registry
 
 
 @dataclass
@@ -363,7 +362,7 @@ def as_dict(cfg: Config) -> dict[str, Any]:
 
 def identity(cfg: Config) -> dict[str, Any]:
     """The part of the config that defines what a run trains; it must not change on resume."""
-    flat = _flatten(as_dict(cfg))
+    flat = flatten(as_dict(cfg))
     ident = {key: value for key, value in flat.items() if is_identity_key(key)}
     if cfg.optimizer.schedule in ("cosine", "onecycle"):
         # These schedules are stretched over all epochs: more epochs, other learning rates.
@@ -378,15 +377,16 @@ def schema_defaults(cfg: Config) -> dict[str, Any]:
     tree["model"] = OmegaConf.to_container(  # type: ignore[index,call-overload]
         OmegaConf.structured(type(cfg.model)), enum_to_str=True
     )
-    return _flatten(tree)  # type: ignore[arg-type]
+    return flatten(tree)  # type: ignore[arg-type]
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"model": {"dropout": 0.2}} -> {"model.dropout": 0.2}."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat

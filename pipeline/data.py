@@ -18,14 +18,18 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import durable
+from pipeline import durable, rundir
 from pipeline.config import DataConfig, Dataset
 from pipeline.errors import PipelineError
 from pipeline.models import Pixels
 from pipeline.rundir import PREPARED
+
+if TYPE_CHECKING:
+    from pipeline.stages import Context
 
 log = logging.getLogger(__name__)
 
@@ -398,3 +402,29 @@ def _write_cache(cache_dir: Path, splits: dict[str, np.ndarray], meta: dict) -> 
         meta,
         size_hint=sum(a.nbytes for a in splits.values()),
     )
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def is_done(ctx: Context) -> str | None:
+    """Never: every later stage needs the arrays in memory, so the data stage always runs (a
+    finished one only reads its verified cache entry)."""
+    return None
+
+
+def run(ctx: Context) -> dict[str, Any] | None:
+    """Prepare (or read) the run's data into `ctx.prepared`; the record only when it changed."""
+    done = ctx.run.read_stage("data", owner=True)
+    prepared = prepare_run_data(ctx.cfg.data, rundir.data_cache(Path(ctx.cfg.run.outputs)))
+    check_same_source(done, prepared)
+    ctx.prepared = prepared
+    record = {
+        "fingerprint": prepared.fingerprint,
+        "source": prepared.source,
+        "source_sha256": prepared.source_sha256,
+        "cache": rundir.relative_to_run(ctx.run, prepared.directory),
+    }
+    if done is None or any(done.get(k) != v for k, v in record.items()):
+        return record
+    return None

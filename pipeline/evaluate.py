@@ -1,22 +1,66 @@
-"""The evaluate stage: restore a checkpoint into a freshly built model and score the test set."""
+"""The evaluate stage: restore a checkpoint into a freshly built model and score the test set.
+
+Besides metrics.json it records the evaluation (`record_evaluation`): the test predictions
+(`predictions.npz`, which report.html draws from) and TensorBoard summaries through
+`tblog.EventLog` (confusion matrix and worst mistakes as images, the test metrics, the HParams
+plugin's session info and the model graph), replacing what an earlier evaluation of the same
+step wrote.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
 
 from pipeline import checkpoint, durable
+from pipeline.config import flatten, is_hparam
 from pipeline.data import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import evaluate_logits, restore_model
 from pipeline.models import ModelConfig, Pixels, build_model, inference_function
 from pipeline.rundir import RunDir
 
+if TYPE_CHECKING:
+    from pipeline.stages import Context
+
 log = logging.getLogger(__name__)
+
+# What record_evaluation writes to TensorBoard (tests and tools read them by these tags).
+WORST = 16  # the most confident mistakes kept in predictions.npz and shown
+TAG_CONFUSION = "evaluate/confusion_matrix"
+TAG_MISTAKES = "evaluate/worst_mistakes"
+TAG_ACCURACY = "evaluate/test_accuracy"
+TAG_LOSS = "evaluate/test_loss"
+EVALUATE_TAGS = frozenset({TAG_CONFUSION, TAG_MISTAKES, TAG_ACCURACY, TAG_LOSS})
+HPARAMS_TAGS = frozenset({"_hparams_/session_start_info", "_hparams_/session_end_info"})
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def is_done(ctx: Context) -> str | None:
+    """Done when the evaluate record is of the checkpoint `evaluate.checkpoint` names now."""
+    which = ctx.cfg.evaluate.checkpoint
+    ckpt = choose_checkpoint(ctx.run.checkpoints, which)
+    done = ctx.run.read_stage("evaluate", owner=True)
+    if done and done["checkpoint_step"] == ckpt.step and done["checkpoint"] == which:
+        accuracy = 100 * done["test_accuracy"]
+        return f"evaluate: done (step {ckpt.step}, test accuracy {accuracy:.2f}%); skipped"
+    ctx.checkpoint = ckpt  # for run: loaded and verified once
+    return None
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Score the checkpoint is_done chose; keep metrics.json, predictions.npz and summaries."""
+    which = ctx.cfg.evaluate.checkpoint
+    ckpt = ctx.checkpoint or choose_checkpoint(ctx.run.checkpoints, which)
+    ctx.checkpoint = None
+    return run_evaluate(ctx.cfg.model, ctx.pixels(), ctx.data(), ckpt, ctx.run, which)
 
 
 def choose_checkpoint(ckpt_root: Path, which: str, owner: bool = True) -> checkpoint.Checkpoint:
@@ -78,10 +122,8 @@ def run_evaluate(
         "test_images": int(len(data.arrays["y_test"])),
         "data_fingerprint": data.fingerprint,
     }
-    # --- run visuals: predictions.npz and TensorBoard images, hparams, graph (pipeline/report.py)
-    from pipeline import report
-
-    report.record_evaluation(
+    # --- run visuals: predictions.npz and TensorBoard images, hparams, graph
+    record_evaluation(
         run,
         ckpt.step,
         which,
@@ -89,7 +131,7 @@ def run_evaluate(
         np.concatenate(batches) if batches else np.zeros((0, 10), np.float32),
         data.arrays["x_test"],
         metrics,
-        graph_def=report.model_graph_def(model),
+        graph_def=model_graph_def(model),
     )
     durable.write_bytes(run.metrics, _json(metrics))
     log.info(
@@ -102,7 +144,106 @@ def run_evaluate(
     return metrics
 
 
-def _json(obj: Any) -> bytes:
-    import json
+# ---------------------------------------------------------------- recording the evaluation
 
+
+def hparam_values(run: RunDir, which: str) -> dict[str, bool | int | float | str]:
+    """The run's hyperparameters, from run.json (its config as created) with the values a
+    compatible change may have moved since: fit.epochs (the fit record) and which checkpoint
+    is evaluated. None becomes "null", lists their string form."""
+    record = run.read_run_record()
+    flat = flatten(record.get("config", {}))
+    fit = run.read_stage("fit", owner=True)  # called by the evaluate stage, which holds the lock
+    if fit and "epochs" in fit:
+        flat["fit.epochs"] = fit["epochs"]
+    flat["evaluate.checkpoint"] = which
+    values: dict[str, bool | int | float | str] = {}
+    for key, value in sorted(flat.items()):
+        if not is_hparam(key):
+            continue
+        if value is None:
+            values[key] = "null"
+        elif isinstance(value, (bool, int, float, str)):
+            values[key] = value
+        else:
+            values[key] = json.dumps(value)
+    return values
+
+
+def model_graph_def(model: Any) -> bytes:
+    """The serialized GraphDef of the model's inference function (one cheap trace)."""
+    concrete = inference_function(model).get_concrete_function()
+    return concrete.graph.as_graph_def().SerializeToString()
+
+
+def record_evaluation(
+    run: RunDir,
+    step: int,
+    which: str,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    images: np.ndarray,
+    metrics: dict[str, Any],
+    graph_def: bytes | None = None,
+) -> None:
+    """Save the test predictions and write the evaluation's TensorBoard summaries at `step`.
+
+    Idempotent: summaries an earlier evaluation wrote for the same step (and the run's
+    previous hparams and graph, which TensorBoard would otherwise keep the first of) are
+    dropped first, so evaluating again never duplicates them."""
+    from pipeline import tblog, visuals  # matplotlib: only when an evaluation is recorded
+
+    labels = np.asarray(labels, dtype=np.int64)
+    probabilities = visuals.softmax(logits).astype(np.float32)
+    worst = visuals.worst_mistakes(labels, probabilities, WORST)
+    worst_images = np.asarray(images)[worst].reshape(-1, 28, 28).astype(np.uint8)
+    durable.write_file(
+        run.predictions,
+        lambda tmp: np.savez_compressed(
+            tmp,
+            labels=labels,
+            probabilities=probabilities,
+            checkpoint_step=np.int64(step),
+            worst_index=worst.astype(np.int64),
+            worst_images=worst_images,
+        ),
+    )
+
+    counts = visuals.confusion_matrix(labels, probabilities.argmax(axis=-1))
+    title = f"Confusion matrix, checkpoint step {step} ({which})"
+    confusion_png = visuals.confusion_matrix_png(counts, title)
+    mistakes_png = visuals.mistakes_grid_png(
+        worst_images,
+        labels[worst],
+        probabilities[worst],
+        f"Most confident mistakes, checkpoint step {step}",
+    )
+
+    tb_dir = run.tensorboard
+
+    def stale(event: Any) -> bool:
+        if event.graph_def:
+            return graph_def is not None
+        tags = {value.tag for value in event.summary.value}
+        return bool(tags) and (
+            tags <= HPARAMS_TAGS or (event.step == step and tags <= EVALUATE_TAGS)
+        )
+
+    tb_dir.mkdir(parents=True, exist_ok=True)
+    tblog.drop_events(tb_dir, stale)
+    events = tblog.EventLog(tb_dir)
+    try:
+        events.image(TAG_CONFUSION, confusion_png, step, *visuals.png_size(confusion_png))
+        events.image(TAG_MISTAKES, mistakes_png, step, *visuals.png_size(mistakes_png))
+        events.scalar(TAG_ACCURACY, metrics["test_accuracy"], step)
+        events.scalar(TAG_LOSS, metrics["test_loss"], step)
+        created = run.read_run_record().get("created")
+        events.hparams(hparam_values(run, which), group_name=run.name, start_time=created)
+        if graph_def is not None:
+            events.graph(graph_def, step)
+    finally:
+        events.close()
+
+
+def _json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()

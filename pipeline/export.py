@@ -18,9 +18,10 @@ import errno
 import json
 import logging
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -31,9 +32,13 @@ from pipeline import checkpoint, durable
 from pipeline.config import Config
 from pipeline.data import Prepared
 from pipeline.errors import PipelineError
+from pipeline.evaluate import choose_checkpoint
 from pipeline.fit import make_optimizer, restore_model, restore_optimizer
 from pipeline.models import Pixels, build_model, with_probabilities
 from pipeline.rundir import RunDir
+
+if TYPE_CHECKING:
+    from pipeline.stages import Context
 
 log = logging.getLogger(__name__)
 # The TFLite interpreter still ships with TF 2.21; its deprecation notice is noise for users.
@@ -116,6 +121,17 @@ def write_tflite(saved_model: Path, path: Path) -> None:
     path.write_bytes(converter.convert())
 
 
+def save_h5(model: keras.Model, path: Path) -> None:
+    """HDF5 crashes the process (SIGSEGV, found by --disk-faults) when its own writes fail, so
+    it never touches the run's disk: it writes in the system's temporary directory, and the
+    bytes are copied with plain Python I/O, which raises a clear error on a failing disk."""
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / path.name
+        model.save(staged)
+        with durable.naming(path):
+            path.write_bytes(staged.read_bytes())
+
+
 def reload_predictions(fmt: str, path: Path, images: np.ndarray) -> np.ndarray:
     """Probabilities for `images` (uint8 N×28×28) from the exported file at `path`."""
     if fmt == "saved_model":
@@ -132,7 +148,15 @@ def reload_predictions(fmt: str, path: Path, images: np.ndarray) -> np.ndarray:
         return np.concatenate(
             [runner(image=images[i : i + 1])["probabilities"] for i in range(len(images))]
         )
-    model = keras.models.load_model(path, compile=False)
+    if fmt == "h5":  # read with Python, loaded from a copy: HDF5 never reads the run's disk
+        with durable.naming(path):
+            content = path.read_bytes()
+        with tempfile.TemporaryDirectory() as scratch:
+            staged = Path(scratch) / path.name
+            staged.write_bytes(content)
+            model = keras.models.load_model(staged, compile=False)
+    else:
+        model = keras.models.load_model(path, compile=False)
     return np.asarray(model(images, training=False))
 
 
@@ -165,6 +189,30 @@ def git_commit() -> str | None:
         return git("describe", "--always", "--dirty", "--abbrev=40")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def is_done(ctx: Context) -> str | None:
+    """Never skipped as a stage: `run_export` itself finds a version already published for the
+    chosen checkpoint (and verifies it) instead of exporting again."""
+    return None
+
+
+def run(ctx: Context) -> dict[str, Any] | None:
+    """Export the checkpoint `evaluate.checkpoint` names, with its test metrics (those of the
+    evaluate record, when they are of that checkpoint)."""
+    ckpt = choose_checkpoint(ctx.run.checkpoints, ctx.cfg.evaluate.checkpoint)
+    metrics = ctx.run.read_stage("evaluate", owner=True)
+    if metrics and metrics["checkpoint_step"] != ckpt.step:
+        metrics = None
+    result = run_export(ctx.cfg, ctx.pixels(), ctx.data(), ckpt, ctx.run, metrics)
+    done = ctx.run.read_stage("export", owner=True)
+    if done is None or done["checkpoint_step"] != ckpt.step:
+        # Also when the version was already published and only this record was lost.
+        return result
+    return None
 
 
 def run_export(
@@ -217,7 +265,7 @@ def run_export(
         model.save(files["keras"])
         if cfg.export.h5:
             files["h5"] = tmp / "model.h5"
-            model.save(files["h5"])
+            save_h5(model, files["h5"])
         if cfg.export.tflite:
             files["tflite"] = tmp / "model.tflite"
             write_tflite(tmp, files["tflite"])

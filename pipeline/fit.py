@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import checkpoint, tblog
+from pipeline import checkpoint, rundir, tblog
 from pipeline.config import (
     CheckpointConfig,
     FitConfig,
@@ -34,6 +34,9 @@ from pipeline.data import Prepared
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.models import ModelConfig, Pixels, after_restore, build_model, inference_function
 from pipeline.rundir import RunDir
+
+if TYPE_CHECKING:
+    from pipeline.stages import Context
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 1000
@@ -344,6 +347,61 @@ class Progress:
             loss, acc = trainer.train_metrics()
             self.bar.update(step, values=[("loss", loss), ("accuracy", acc)], finalize=force)
             self.last = now
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def is_done(ctx: Context) -> str | None:
+    """A fit that reached `fit.epochs` is skipped while its final checkpoint verifies. Under a
+    strategy every worker enters fit (it holds collectives), even when done."""
+    done = ctx.run.read_stage("fit", owner=True)
+    if (
+        done
+        and ctx.scale is None
+        and done["epochs"] >= ctx.cfg.fit.epochs
+        and _final_checkpoint_ok(ctx.run, done)
+    ):
+        return f"fit: done ({done['epochs']} epochs, step {done['global_step']}); skipped"
+    return None
+
+
+def _final_checkpoint_ok(run: RunDir, done: dict[str, Any]) -> bool:
+    """A finished fit counts only while its last checkpoint verifies; if that one was
+    damaged, fit resumes from the newest good one and recomputes the rest exactly."""
+    latest = checkpoint.load_latest(run.checkpoints)
+    return latest is not None and latest.step == done["global_step"]
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Train (or resume) to `fit.epochs`; a first SIGINT/SIGTERM saves a checkpoint and stops."""
+    # Fit cuts TensorBoard events written after the checkpoint it resumes from, evaluate's
+    # included: an earlier evaluation no longer stands, even of the same final step.
+    rundir.clear_stage(ctx.run, "evaluate")
+    c = ctx.cfg
+    started = time.monotonic()
+    ctx.stop.graceful = True
+    try:
+        summary = run_fit(
+            c.model,
+            c.optimizer,
+            c.fit,
+            c.checkpoint,
+            c.seed,
+            ctx.data(),
+            ctx.pixels(),
+            ctx.run,
+            ctx.stop,
+            ctx.scale,
+        )
+    finally:
+        ctx.stop.graceful = False
+    return {
+        "epochs": c.fit.epochs,
+        "global_step": summary["global_step"],
+        "seconds_this_session": time.monotonic() - started,
+        **summary,
+    }
 
 
 def run_fit(

@@ -1,16 +1,12 @@
 """A run you can see at a glance.
 
-Two halves:
-
-* `record_evaluation` runs at the end of the evaluate stage: it saves the test predictions
-  (`predictions.npz`) and writes TensorBoard summaries through `tblog.EventLog` (confusion matrix
-  and worst mistakes as images, the test metrics, the HParams plugin's session info and the
-  model graph), replacing what an earlier evaluation of the same step wrote.
-* `write_report(run)` reads a run directory (no TensorFlow) and writes `report.html`: one
-  self-contained file (images inlined as base64 PNGs, CSS inline, no external URLs) with the
-  config, learning curves, confusion matrix, per-class precision/recall, the worst mistakes,
-  the checkpoint/export inventory with sha256, stage timings and the resume history.
-  `python -m pipeline report [run.name=NAME] [run.outputs=DIR]` is `main`.
+`write_report(run)` reads a run directory (no TensorFlow) and writes `report.html`: one
+self-contained file (images inlined as base64 PNGs, CSS inline, no external URLs) with the
+config, learning curves, confusion matrix, per-class precision/recall, the worst mistakes, the
+checkpoint/export inventory with sha256, stage timings and the resume history. It only reads:
+the predictions it draws from are saved by the evaluate stage (`evaluate.record_evaluation`,
+which also writes the evaluation's TensorBoard summaries).
+`python -m pipeline report [run.name=NAME] [run.outputs=DIR]` is `main`.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import datetime
 import html
 import json
 import os
-import struct
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -30,152 +25,10 @@ from typing import Any
 import numpy as np
 
 from pipeline import durable, rundir, visuals
-from pipeline.config import is_hparam
+from pipeline.config import flatten
 from pipeline.rundir import RunDir
 
-WORST = 16
-TAG_CONFUSION = "evaluate/confusion_matrix"
-TAG_MISTAKES = "evaluate/worst_mistakes"
-TAG_ACCURACY = "evaluate/test_accuracy"
-TAG_LOSS = "evaluate/test_loss"
-EVALUATE_TAGS = frozenset({TAG_CONFUSION, TAG_MISTAKES, TAG_ACCURACY, TAG_LOSS})
-HPARAMS_TAGS = frozenset({"_hparams_/session_start_info", "_hparams_/session_end_info"})
-
-
-# ================================================================ at evaluate
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def hparam_values(run: RunDir, which: str) -> dict[str, bool | int | float | str]:
-    """The run's hyperparameters, from run.json (its config as created) with the values a
-    compatible change may have moved since: fit.epochs (the fit record) and which checkpoint
-    is evaluated. None becomes "null", lists their string form."""
-    record = run.read_run_record()
-    flat = flatten(record.get("config", {}))
-    fit = run.read_stage("fit", owner=True)  # called by the evaluate stage, which holds the lock
-    if fit and "epochs" in fit:
-        flat["fit.epochs"] = fit["epochs"]
-    flat["evaluate.checkpoint"] = which
-    values: dict[str, bool | int | float | str] = {}
-    for key, value in sorted(flat.items()):
-        if not is_hparam(key):
-            continue
-        if value is None:
-            values[key] = "null"
-        elif isinstance(value, (bool, int, float, str)):
-            values[key] = value
-        else:
-            values[key] = json.dumps(value)
-    return values
-
-
-def model_graph_def(model: Any) -> bytes:
-    """The serialized GraphDef of the model's inference function (one cheap trace)."""
-    from pipeline.models import inference_function
-
-    concrete = inference_function(model).get_concrete_function()
-    return concrete.graph.as_graph_def().SerializeToString()
-
-
-def record_evaluation(
-    run: RunDir,
-    step: int,
-    which: str,
-    labels: np.ndarray,
-    logits: np.ndarray,
-    images: np.ndarray,
-    metrics: dict[str, Any],
-    graph_def: bytes | None = None,
-) -> None:
-    """Save the test predictions and write the evaluation's TensorBoard summaries at `step`.
-
-    Idempotent: summaries an earlier evaluation wrote for the same step (and the run's
-    previous hparams and graph, which TensorBoard would otherwise keep the first of) are
-    dropped first, so evaluating again never duplicates them."""
-    from pipeline import tblog
-
-    labels = np.asarray(labels, dtype=np.int64)
-    probabilities = visuals.softmax(logits).astype(np.float32)
-    worst = visuals.worst_mistakes(labels, probabilities, WORST)
-    worst_images = np.asarray(images)[worst].reshape(-1, 28, 28).astype(np.uint8)
-    durable.write_file(
-        run.predictions,
-        lambda tmp: np.savez_compressed(
-            tmp,
-            labels=labels,
-            probabilities=probabilities,
-            checkpoint_step=np.int64(step),
-            worst_index=worst.astype(np.int64),
-            worst_images=worst_images,
-        ),
-    )
-
-    counts = visuals.confusion_matrix(labels, probabilities.argmax(axis=-1))
-    title = f"Confusion matrix, checkpoint step {step} ({which})"
-    confusion_png = visuals.confusion_matrix_png(counts, title)
-    mistakes_png = visuals.mistakes_grid_png(
-        worst_images,
-        labels[worst],
-        probabilities[worst],
-        f"Most confident mistakes, checkpoint step {step}",
-    )
-
-    tb_dir = run.tensorboard
-
-    def stale(event: Any) -> bool:
-        if event.graph_def:
-            return graph_def is not None
-        tags = {value.tag for value in event.summary.value}
-        return bool(tags) and (
-            tags <= HPARAMS_TAGS or (event.step == step and tags <= EVALUATE_TAGS)
-        )
-
-    tb_dir.mkdir(parents=True, exist_ok=True)
-    tblog.drop_events(tb_dir, stale)
-    events = tblog.EventLog(tb_dir)
-    try:
-        events.image(TAG_CONFUSION, confusion_png, step, *visuals.png_size(confusion_png))
-        events.image(TAG_MISTAKES, mistakes_png, step, *visuals.png_size(mistakes_png))
-        events.scalar(TAG_ACCURACY, metrics["test_accuracy"], step)
-        events.scalar(TAG_LOSS, metrics["test_loss"], step)
-        created = run.read_run_record().get("created")
-        events.hparams(hparam_values(run, which), group_name=run.name, start_time=created)
-        if graph_def is not None:
-            events.graph(graph_def, step)
-    finally:
-        events.close()
-
-
 # ================================================================ reading a run
-
-
-def read_events(path: Path) -> list[Any]:
-    """Events of one file, read as plain TFRecords (TensorBoard's own loader would import
-    TensorFlow, seconds for a report). A torn last record ends the list."""
-    from tensorboard.compat.proto.event_pb2 import Event
-
-    data = path.read_bytes()
-    events, pos = [], 0
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack_from("<Q", data, pos)
-        start, end = pos + 12, pos + 12 + length
-        if end + 4 > len(data):
-            break
-        try:
-            events.append(Event.FromString(data[start:end]))
-        except Exception:  # noqa: BLE001 - a damaged record: stop, as TensorBoard does
-            break
-        pos = end + 4
-    return events
 
 
 def tensorboard_sessions(
@@ -189,7 +42,7 @@ def tensorboard_sessions(
     sessions = []
     for path in tblog.event_files(tb_dir) if tb_dir.is_dir() else []:
         train = []
-        for event in read_events(path):
+        for event in tblog.events(path):
             for value in event.summary.value:
                 if value.WhichOneof("value") == "simple_value":
                     scalars.setdefault(value.tag, {})[event.step] = value.simple_value

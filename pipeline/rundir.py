@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import durable
+from pipeline import durable, stages
 from pipeline.errors import ConfigError, PipelineError, RunLocked
 
 if TYPE_CHECKING:
     import numpy as np
 
-STAGES = ("data", "model", "fit", "evaluate", "export")
+STAGES = stages.NAMES  # each leaves stages/<name>.json when it finishes
 
 # The names inside a run directory, each spelled here only; everything else reaches them
 # through RunDir (data.py names its cache file with PREPARED, as it fills any directory).

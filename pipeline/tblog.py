@@ -11,14 +11,15 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from pipeline import durable
@@ -32,18 +33,31 @@ def event_files(logdir: Path) -> list[Path]:
 
 
 def records(path: Path) -> list[bytes]:
-    """The raw records of one event file. TensorBoard reads it through TensorFlow's file
-    layer, which reports a failing disk as its own error: that becomes an OSError naming the
-    file."""
-    try:
-        return list(RawEventFileLoader(str(path)).Load())
-    except OSError:
-        raise
-    except Exception as exc:
-        cause = durable.os_error_in(exc, path)
-        if cause is None:
-            raise
-        raise OSError(cause.errno, cause.strerror, str(path)) from exc
+    """The records of one event file (TFRecord framing: length, its CRC, data, its CRC), each
+    checked against both CRCs. Reading stops at the first torn or damaged record, as
+    TensorBoard's loader does. Plain Python, so the report reads runs without TensorFlow; the
+    one reader for the report and for resume."""
+    with durable.naming(path):
+        data = path.read_bytes()
+    found, pos = [], 0
+    while pos + 12 <= len(data):
+        header = data[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack_from("<I", data, pos + 8)
+        start, end = pos + 12, pos + 12 + length
+        if masked_crc32c(header) != header_crc or end + 4 > len(data):
+            break
+        body = data[start:end]
+        (body_crc,) = struct.unpack_from("<I", data, end)
+        if masked_crc32c(body) != body_crc:
+            break
+        found.append(body)
+        pos = end + 4
+    return found
+
+
+def events(path: Path) -> list[Event]:
+    return [Event.FromString(r) for r in records(path)]
 
 
 def last_step(logdir: Path) -> int:

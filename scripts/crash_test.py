@@ -79,7 +79,7 @@ FAILPOINTS = [
     "dir_after_rename",
     "export_before_publish",
 ]
-STAGE_ORDER = ["data", "model", "fit", "evaluate", "export"]
+STAGE_ORDER = list(rundir.STAGES)  # the stage registry's order (pipeline/stages.py)
 
 
 def pipeline(args: list[str], outputs: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

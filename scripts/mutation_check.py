@@ -120,7 +120,7 @@ MUTATIONS = [
     Mutation(
         "signal-not-graceful",
         "SIGINT during fit stops at once instead of saving a checkpoint",
-        (("pipeline/cli.py", "        self.stop.graceful = True\n", ""),),
+        (("pipeline/fit.py", "    ctx.stop.graceful = True\n", ""),),
         (f"{RESUME}::test_sigint_saves_a_checkpoint_and_says_how_to_resume",),
     ),
     Mutation(
@@ -128,9 +128,9 @@ MUTATIONS = [
         "a finished fit is trusted although its final checkpoint no longer verifies",
         (
             (
-                "pipeline/cli.py",
-                '        return latest is not None and latest.step == done["global_step"]',
-                "        return True",
+                "pipeline/fit.py",
+                '    return latest is not None and latest.step == done["global_step"]',
+                "    return True",
             ),
         ),
         (f"{RESUME}::test_finished_fit_with_a_damaged_final_checkpoint_is_resumed_not_trusted",),
@@ -140,8 +140,8 @@ MUTATIONS = [
         "an evaluation is kept although a resumed fit cut its TensorBoard events",
         (
             (
-                "pipeline/cli.py",
-                '        rundir.clear_stage(self.run, "evaluate")\n',
+                "pipeline/fit.py",
+                '    rundir.clear_stage(ctx.run, "evaluate")\n',
                 "",
             ),
         ),

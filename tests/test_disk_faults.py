@@ -158,6 +158,39 @@ def test_status_on_a_failing_disk_prints_one_line(fs: faultfs.FaultFS, tmp_path:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_pre_check_on_a_failing_disk_prints_one_line(fs: faultfs.FaultFS, tmp_path: Path) -> None:
+    """The pre-check reads run.json (is this directory a run of ours?) before Hydra starts:
+    a read error there is one line too (found by --disk-faults: it was a traceback)."""
+    outputs = fs.mount / "outputs"
+    assert cli([*DATA, f"run.outputs={outputs}"], tmp_path).returncode == 0
+    fs.fault("open", "*/run.json", "EIO", every=True)
+    result = cli([*DATA, f"run.outputs={outputs}"], tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: I/O error on "), lines
+    assert lines[0].split(":")[1].strip().endswith("/run.json"), lines
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("op", ["write", "read"])
+def test_failing_hdf5_export_is_one_line_not_a_crash(
+    fs: faultfs.FaultFS, tmp_path: Path, op: str
+) -> None:
+    """HDF5 segfaults when its own writes fail (found by --disk-faults): model.h5 is written
+    and read back with plain Python I/O, so a failing disk is one error line naming it."""
+    outputs = fs.mount / "outputs"
+    args = ["train", "data=sample", "data.train_size=300", "data.test_size=100", "model=mlp"]
+    args += ["fit.epochs=1", "export.tflite=false", f"run.outputs={outputs}"]
+    fs.fault(op, "*/model.h5", "EIO", every=True)
+    result = cli(args, tmp_path)
+    assert result.returncode == 1, result.stderr
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "/model.h5: Input/output error" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    fs.clear_faults()
+    assert cli(args, tmp_path).returncode == 0
+
+
 def test_read_error_never_sets_a_sound_checkpoint_aside(fs: faultfs.FaultFS) -> None:
     """An I/O error while reading a checkpoint is the disk's, not the checkpoint's: the
     command fails naming the file, and the checkpoint stays (found by --disk-faults: a sound

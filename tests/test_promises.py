@@ -22,6 +22,7 @@ from conftest import SMALL, assert_same_state, cli, final_state, only_run_dir, s
 
 from pipeline import checkpoint, durable
 from pipeline.data import SAMPLE_PATH
+from pipeline.rundir import RunDir
 
 # A tiny MLP run: 240 training images in 4 steps an epoch, 60 for validation, 100 for test.
 TINY = [
@@ -303,8 +304,7 @@ def test_predict_uses_the_newest_export_that_verifies(tmp_path: Path) -> None:
     shown = model_root.relative_to(tmp_path)  # predict names paths as given (outputs/...)
     step = {v: durable.verify_dir(model_root / v)["checkpoint_step"] for v in ("1", "2")}
     assert step == {"1": 4, "2": 8}
-    with np.load(run_dir / "data" / "prepared.npz") as npz:
-        label = int(npz["y_test"][0])
+    label = int(RunDir(run_dir).prepared_data("y_test")["y_test"][0])
 
     def predict(name: str) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
         result = cli(["predict", *args, "--test-index", "0", "--json", name], tmp_path)
@@ -386,11 +386,12 @@ def test_offline_mnist_falls_back_to_the_bundled_sample_with_one_warning(tmp_pat
     run_dir = only_run_dir(tmp_path / "outputs")
     expected_source = f"bundled sample {SAMPLE_PATH.name} (offline)"
     assert record(run_dir / "stages" / "data.json")["source"] == expected_source
-    cache = durable.verify_dir(run_dir / "data")
+    cache = durable.verify_dir(RunDir(run_dir).data)
     assert cache["source"] == expected_source
     sample_hash = hashlib.sha256(durable.sha256_file(SAMPLE_PATH).encode()).hexdigest()
     assert cache["source_sha256"] == sample_hash  # the content really is the bundled sample
-    with np.load(SAMPLE_PATH) as sample, np.load(run_dir / "data" / "prepared.npz") as ours:
+    ours = RunDir(run_dir).prepared_data("x_test")
+    with np.load(SAMPLE_PATH) as sample:
         assert np.array_equal(ours["x_test"], sample["x_test"][:100])
     assert not list((tmp_path / "keras").rglob("mnist.npz"))
 
@@ -415,7 +416,7 @@ def test_fashion_mnist_from_a_local_file(tmp_path: Path) -> None:
     run_dir = only_run_dir(tmp_path / "outputs")
     assert "data=fashion_mnist" in run_dir.name
     assert record(run_dir / "stages" / "data.json")["source"] == str(path)
-    cache = durable.verify_dir(run_dir / "data")
+    cache = durable.verify_dir(RunDir(run_dir).data)
     assert cache["recipe"]["name"] == "fashion_mnist"
     assert cache["source_sha256"] == hashlib.sha256(durable.sha256_file(path).encode()).hexdigest()
     fit = record(run_dir / "stages" / "fit.json")

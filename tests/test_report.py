@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import checkpoint, durable, report, visuals
+from pipeline import checkpoint, durable, evaluate, report, rundir, visuals
+from pipeline.config import flatten
 from pipeline.rundir import RunDir
 
 IMG = re.compile(
@@ -135,6 +137,8 @@ def test_figures_are_deterministic() -> None:
 def run_copy(reference_run: tuple[Path, str], tmp_path: Path) -> Path:
     target = tmp_path / "outputs" / reference_run[0].name
     shutil.copytree(reference_run[0], target)
+    shared = rundir.data_cache(reference_run[0].parent)  # the prepared data it names
+    shutil.copytree(shared, rundir.data_cache(target.parent))
     return target
 
 
@@ -157,7 +161,7 @@ def test_predictions_saved_by_evaluate_match_metrics(run_copy: Path) -> None:
         labels, probs = npz["labels"], npz["probabilities"]
         assert int(npz["checkpoint_step"]) == metrics["checkpoint_step"]
         worst, worst_images = npz["worst_index"], npz["worst_images"]
-    with np.load(run_copy / "data" / "prepared.npz") as data:
+    with np.load(RunDir(run_copy).data / rundir.PREPARED) as data:
         assert np.array_equal(labels, data["y_test"])
         assert np.array_equal(worst_images, data["x_test"][worst])
     assert probs.shape == (metrics["test_images"], 10) and probs.dtype == np.float32
@@ -165,7 +169,7 @@ def test_predictions_saved_by_evaluate_match_metrics(run_copy: Path) -> None:
     accuracy = float((probs.argmax(axis=1) == labels).mean())
     assert accuracy == pytest.approx(metrics["test_accuracy"])
     wrong = int((probs.argmax(axis=1) != labels).sum())
-    assert len(worst) == min(report.WORST, wrong)
+    assert len(worst) == min(evaluate.WORST, wrong)
     confidence = probs[worst, probs[worst].argmax(axis=1)]
     assert list(confidence) == sorted(confidence, reverse=True)
 
@@ -191,7 +195,7 @@ def test_report_sections_and_self_contained(run_copy: Path) -> None:
 def test_report_config_values(run_copy: Path) -> None:
     text = section(written(run_copy), "config")
     shown = {key: html.unescape(value).strip() for key, value in CONFIG_ROW.findall(text)}
-    config = report.flatten(durable.read_record(run_copy / "run.json")["config"])
+    config = flatten(durable.read_record(run_copy / "run.json")["config"])
     assert set(shown) == set(config)
     for key, value in config.items():
         assert shown[key] == json.dumps(value), key
@@ -229,7 +233,7 @@ def test_report_checksums_match_the_files(run_copy: Path) -> None:
     listed = dict(FILE_ROW.findall(text))
     expected = {}
     committed = [
-        run_copy / "data",
+        RunDir(run_copy).data,
         *(
             checkpoint.path_for(run_copy / "checkpoints", s)
             for s in checkpoint.committed_steps(run_copy / "checkpoints")
@@ -240,7 +244,7 @@ def test_report_checksums_match_the_files(run_copy: Path) -> None:
     for directory in committed:
         for path in directory.rglob("*"):
             if path.is_file() and path.name != durable.MANIFEST:
-                expected[str(path.relative_to(run_copy))] = durable.sha256_file(path)
+                expected[os.path.relpath(path, run_copy)] = durable.sha256_file(path)
     assert listed == expected
     assert text.count('class="ok">verified<') == len(committed)
     assert "FAILED" not in text

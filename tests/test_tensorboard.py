@@ -23,7 +23,7 @@ from tensorboard.compat.proto.node_def_pb2 import NodeDef
 from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from pipeline import durable, report, tblog, visuals
+from pipeline import durable, evaluate, tblog, visuals
 from pipeline.rundir import RunDir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -80,8 +80,8 @@ def reference(reference_run: tuple[Path, str]) -> tuple[Path, dict, ea.EventAccu
 
 def test_evaluate_images_at_the_evaluated_step(reference: tuple) -> None:
     run_dir, metrics, acc = reference
-    assert sorted(acc.Tags()["images"]) == [report.TAG_CONFUSION, report.TAG_MISTAKES]
-    for tag in (report.TAG_CONFUSION, report.TAG_MISTAKES):
+    assert sorted(acc.Tags()["images"]) == [evaluate.TAG_CONFUSION, evaluate.TAG_MISTAKES]
+    for tag in (evaluate.TAG_CONFUSION, evaluate.TAG_MISTAKES):
         (image,) = acc.Images(tag)
         assert image.step == metrics["checkpoint_step"]
         png = image.encoded_image_string
@@ -94,7 +94,7 @@ def test_evaluate_images_at_the_evaluated_step(reference: tuple) -> None:
 
 def test_evaluate_scalars_match_metrics_json(reference: tuple) -> None:
     _, metrics, acc = reference
-    for tag, key in ((report.TAG_ACCURACY, "test_accuracy"), (report.TAG_LOSS, "test_loss")):
+    for tag, key in ((evaluate.TAG_ACCURACY, "test_accuracy"), (evaluate.TAG_LOSS, "test_loss")):
         (event,) = acc.Scalars(tag)
         assert event.step == metrics["checkpoint_step"]
         assert event.value == pytest.approx(metrics[key], rel=1e-6)
@@ -145,9 +145,9 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(
         copy_run(reference_run[0], outputs, name)
     # Make the second run differ in one hyperparameter, as a sweep would.
     tb = outputs / "second" / "tensorboard"
-    tblog.drop_events(tb, lambda e: any(v.tag in report.HPARAMS_TAGS for v in e.summary.value))
+    tblog.drop_events(tb, lambda e: any(v.tag in evaluate.HPARAMS_TAGS for v in e.summary.value))
     log = tblog.EventLog(tb)
-    values = report.hparam_values(RunDir(outputs / "second"), "latest")
+    values = evaluate.hparam_values(RunDir(outputs / "second"), "latest")
     log.hparams({**values, "fit.batch_size": 100}, group_name="second")
     log.close()
 
@@ -166,7 +166,7 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(
     infos = {h.name: h for h in experiment.hparam_infos}
     assert infos["fit.batch_size"].differs and not infos["model.name"].differs
     metrics = {m.name.tag for m in experiment.metric_infos}
-    assert {report.TAG_ACCURACY, report.TAG_LOSS} <= metrics
+    assert {evaluate.TAG_ACCURACY, evaluate.TAG_LOSS} <= metrics
     request = api_pb2.ListSessionGroupsRequest(
         start_index=0, slice_size=10, allowed_statuses=[api_pb2.STATUS_SUCCESS]
     )
@@ -174,7 +174,7 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(
     expected = json.loads((reference_run[0] / "metrics.json").read_text())["test_accuracy"]
     table = {}
     for group in groups.session_groups:
-        accuracy = [m.value for m in group.metric_values if m.name.tag == report.TAG_ACCURACY]
+        accuracy = [m.value for m in group.metric_values if m.name.tag == evaluate.TAG_ACCURACY]
         table[group.name] = (group.hparams["fit.batch_size"].number_value, accuracy)
     # Evaluate named the session group after the run (the copy "first" keeps that name).
     assert table == {
@@ -199,13 +199,13 @@ def test_evaluating_again_replaces_instead_of_duplicating(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["checkpoint"] == "best" and metrics["checkpoint_step"] == step
     after = raw(run_dir / "tensorboard")
-    for tag in (*report.EVALUATE_TAGS, *report.HPARAMS_TAGS):
+    for tag in (*evaluate.EVALUATE_TAGS, *evaluate.HPARAMS_TAGS):
         assert len(tagged(before, tag)) == 1, tag
     # One evaluation per evaluated checkpoint step (an earlier step's stays, as history); one
     # set of hparams for the run.
-    for tag in report.EVALUATE_TAGS:
+    for tag in evaluate.EVALUATE_TAGS:
         assert len([e for e in tagged(after, tag) if e.step == step]) == 1, tag
-    for tag in report.HPARAMS_TAGS:
+    for tag in evaluate.HPARAMS_TAGS:
         assert len(tagged(after, tag)) == 1, tag
     assert sum(bool(e.graph_def) for e in after) == 1
     # Training events are untouched.
@@ -214,12 +214,12 @@ def test_evaluating_again_replaces_instead_of_duplicating(
     ]
     acc = accumulator(run_dir / "tensorboard")
     assert hparams_dict(start_info(acc))["evaluate.checkpoint"] == "best"
-    assert step in [i.step for i in acc.Images(report.TAG_CONFUSION)]
+    assert step in [i.step for i in acc.Images(evaluate.TAG_CONFUSION)]
     # Back to the latest checkpoint: its evaluation is replaced, not duplicated.
     latest_step = durable.verify_dir(latest)["step"]
     assert cli(["evaluate", *SMALL], tmp_path).returncode == 0
     again = raw(run_dir / "tensorboard")
-    for tag in report.EVALUATE_TAGS:
+    for tag in evaluate.EVALUATE_TAGS:
         assert len([e for e in tagged(again, tag) if e.step == latest_step]) == 1, tag
     assert not [p for p in run_dir.rglob(f"*{durable.TMP_MARK}*")]
 
@@ -265,16 +265,23 @@ def test_drop_events_keeps_everything_else(tmp_path: Path) -> None:
     assert len(list(tmp_path.iterdir())) == 1  # rewritten in place, no temp left
 
 
-def test_report_reads_event_files_like_tensorboard(
+def test_one_event_reader_reads_like_tensorboard_and_checks_crcs(
     reference_run: tuple[Path, str], tmp_path: Path
 ) -> None:
-    """The report's TensorFlow-free reader sees what TensorBoard's loader sees, and stops
-    cleanly at a torn last record."""
+    """tblog's TensorFlow-free reader (report and resume both use it) sees what TensorBoard's
+    loader sees, stops cleanly at a torn last record, and at a record whose bytes were damaged
+    (its CRC no longer matches) although its framing is intact."""
     for path in tblog.event_files(reference_run[0] / "tensorboard"):
-        ours = report.read_events(path)
+        ours = tblog.events(path)
         theirs = [Event.FromString(r) for r in RawEventFileLoader(str(path)).Load()]
         assert ours == theirs and len(ours) > 1
     path = tblog.event_files(reference_run[0] / "tensorboard")[0]
     torn = tmp_path / path.name
     torn.write_bytes(path.read_bytes()[:-3])
-    assert report.read_events(torn) == report.read_events(path)[:-1]
+    assert tblog.events(torn) == tblog.events(path)[:-1]
+    good = tblog.records(path)
+    damaged = bytearray(path.read_bytes())
+    offset = 12 + len(good[0]) + 4 + 12  # the first data byte of the second record
+    damaged[offset] ^= 0x01
+    torn.write_bytes(bytes(damaged))
+    assert tblog.records(torn) == good[:1]

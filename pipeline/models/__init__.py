@@ -31,11 +31,14 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pipeline import durable
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     import keras
     import tensorflow as tf
+
+    from pipeline.stages import Context
 
 IMAGE_SHAPE = (28, 28)
 CLASSES = 10
@@ -189,6 +192,21 @@ def summary_text(model: keras.Model) -> str:
     lines: list[str] = []
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the model stage
+
+
+def is_done(ctx: Context) -> str | None:
+    """The model stage is done once its record exists; it is skipped without a note."""
+    return "" if ctx.run.read_stage("model", owner=True) else None
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Build the configured architecture and keep its layers in model_summary.txt."""
+    model = build_model(ctx.cfg.model, ctx.pixels())
+    durable.write_bytes(ctx.run.model_summary, summary_text(model).encode())
+    return {"parameters": model.count_params()}
 
 
 _load_builtin()
