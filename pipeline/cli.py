@@ -7,7 +7,6 @@ import functools
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +153,6 @@ def _log_unraisable(unraisable: Any) -> None:
     )
 
 
-def write_session(run: rundir.RunDir, state: str, **extra: Any) -> None:
-    durable.write_record(run.session, {"state": state, "time": time.time(), **extra})
-
-
 def write_report(run: rundir.RunDir) -> None:
     """Keep report.html current. A report that cannot be made is a warning, but a disk that
     fails (full, I/O errors) fails the command like any other write: the user must hear of
@@ -215,18 +210,18 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -
             log.info("run.restart=true: discarding the previous state of %s", run_dir)
             rundir.restart(run)
         rundir.check_identity(run, identity(cfg), as_dict(cfg), schema_defaults(cfg))
-        write_session(run, "running", command=cfg.command)
+        run.start_session(cfg.command)
         log.info("Run directory: %s", run_dir)
         planned = plan(cfg.command, scale)
         try:
             run_stages(stages.Context(cfg, run, stop, scale), planned)
         except Interrupted as exc:
-            write_session(run, "interrupted", command=cfg.command, message=str(exc))
+            run.update_session(state="interrupted", message=str(exc))
             raise
         except PipelineError as exc:
-            write_session(run, "failed", command=cfg.command, message=str(exc))
+            run.update_session(state="failed", message=str(exc))
             raise
-        write_session(run, "done" if cfg.command == "train" else "stage-done", command=cfg.command)
+        run.update_session(state="done" if cfg.command == "train" else "stage-done")
         if any(stage.name == "evaluate" for stage in planned):
             write_report(run)
 

@@ -450,6 +450,9 @@ def run_fit(
                 reached,
                 reached - state.global_step,
             )
+        run.update_session(
+            resumed_from=state.global_step, redone_steps=max(0, reached - state.global_step)
+        )
     dropped = tblog.truncate_after(tb_dir, state.global_step)
     if dropped:
         log.info("TensorBoard: dropped %d events written after the last checkpoint", dropped)
@@ -457,7 +460,7 @@ def run_fit(
     if state.global_step:
         events.session_start(state.global_step + 1)
         events.scalar("resume/step", state.global_step, state.global_step)
-    loop = _Loop(trainer, state, fit_cfg, ckpt_cfg, data, ckpt_root, events, should_stop)
+    loop = _Loop(trainer, state, fit_cfg, ckpt_cfg, data, ckpt_root, events, should_stop, run)
     try:
         loop.run()
     finally:
@@ -484,7 +487,9 @@ class _Loop:
         ckpt_root: Path,
         events: tblog.EventLog,
         should_stop: Callable[[], bool],
+        run: RunDir,
     ) -> None:
+        self.run_dir = run
         self.t, self.s, self.fit_cfg, self.ckpt_cfg = trainer, state, fit_cfg, ckpt_cfg
         self.data, self.ckpt_root, self.events, self.should_stop = (
             data,
@@ -499,7 +504,10 @@ class _Loop:
 
     def _log_first_step(self) -> None:
         if not self.first_step_logged:
-            # scripts/benchmark.py reads this line's timestamp (resume latency).
+            # scripts/benchmark.py measures the resume latency with this record.
+            self.run_dir.update_session(
+                first_step_at=time.time(), first_step=self.s.global_step + 1
+            )
             log.debug("Fit: first step of this session done (step %d)", self.s.global_step + 1)
             self.first_step_logged = True
 

@@ -194,6 +194,20 @@ class RunDir:
         except durable.CorruptArtifact:
             return None
 
+    def start_session(self, command: str) -> None:
+        """A new session's record (state "running") replaces the last session's."""
+        now = time.time()
+        record = {"state": "running", "command": command, "pid": os.getpid(), "started": now}
+        durable.write_record(self.session, {**record, "time": now})
+
+    def update_session(self, **facts: Any) -> None:
+        """Add facts to this session's record: its state at the end, and what fit did (the
+        step it resumed from, the steps redone, when its first step was done). Tools read
+        these, not the log's wording."""
+        durable.write_record(
+            self.session, {**(self.read_session() or {}), **facts, "time": time.time()}
+        )
+
     def read_stage(self, name: str, owner: bool = False) -> dict[str, Any] | None:
         """The record stage `name` left when it finished; None when missing or damaged (the
         stage is then redone). Only the owner of the run (holding its lock) sets a damaged

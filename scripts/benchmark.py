@@ -43,11 +43,10 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import LOG, RunDir, run_dirs_under
+from pipeline.rundir import RunDir, run_dirs_under
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "scripts" / "reference_convnet.py"
@@ -55,11 +54,6 @@ SELF = Path(__file__).resolve()
 PYTHON = sys.executable
 ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8)
 TARGET_ACCURACY = 0.99
-FIRST_STEP = re.compile(
-    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[pipeline\.fit\]\[DEBUG\] "
-    r"Fit: first step of this session done",
-    re.M,
-)
 # Runs a command as its child and records its wall time and the peak RSS of its process tree
 # (RUSAGE_CHILDREN: the largest single process among the waited-for descendants).
 PEAK_MEMORY_WRAPPER = """\
@@ -464,46 +458,37 @@ def resume_sides(data: DataChoice) -> dict[str, Callable[[Path], dict[str, Any]]
 def launch_to_first_step(
     cmd: list[str], outputs: Path, log: Path, timeout: float = 900
 ) -> dict[str, Any]:
-    """Seconds from launching `cmd` to the first-step line its session adds to pipeline.log
-    (wall clock on both ends); the process is killed once the line is there."""
-    already = {p: p.stat().st_size for p in outputs.glob(f"*/{LOG}")}
+    """Seconds from launching `cmd` to the first training step of its session: the
+    `first_step_at` its session record (session.json) gets, wall clock on both ends. The
+    process is killed once the record has it."""
     with open(log, "w") as out:
         launched = time.time()
         process = subprocess.Popen(
             cmd, cwd=log.parent, env=child_env(), stdout=out, stderr=subprocess.STDOUT
         )
         try:
-            stamp = wait_for_first_step(process, outputs, already, launched + timeout)
+            stamp = wait_for_first_step(process, outputs, launched, launched + timeout)
         finally:
             process.kill()
             process.wait()
     if stamp is None:
-        raise BenchmarkError(
-            f"no first-step line in {outputs}/*/pipeline.log; see {log}:\n{tail(log)}"
-        )
+        raise BenchmarkError(f"no first step in {outputs}/*/session.json; see {log}:\n{tail(log)}")
     return {"seconds": stamp - launched}
 
 
 def wait_for_first_step(
-    process: subprocess.Popen, outputs: Path, already: dict[Path, int], deadline: float
+    process: subprocess.Popen, outputs: Path, launched: float, deadline: float
 ) -> float | None:
     while time.time() < deadline:
         exited = process.poll() is not None
-        for path in outputs.glob(f"*/{LOG}"):
-            with open(path, errors="replace") as handle:
-                handle.seek(already.get(path, 0))
-                match = FIRST_STEP.search(handle.read())
-            if match:
-                return log_time(match.group(1))
+        for run_dir in run_dirs_under(outputs):
+            session = RunDir(run_dir).read_session() or {}
+            if session.get("started", 0) >= launched and "first_step_at" in session:
+                return float(session["first_step_at"])
         if exited:
             return None
         time.sleep(0.05)
     return None
-
-
-def log_time(stamp: str) -> float:
-    """Seconds since the epoch of a logging asctime like `2026-11-26 02:03:26,392` (local)."""
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def figure_resume(pairs: list[dict[str, Any]]) -> Figure:

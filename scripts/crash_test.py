@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -274,10 +275,11 @@ def main() -> int:
                 stage = stage_in_progress(run_dir_of(victim_root))
                 proc.kill()
         output, _ = proc.communicate()
-        resumes += output.count("Fit: resuming from")
-        for match in re.finditer(r"had reached step \d+; (\d+) steps are redone", output):
-            redone_max = max(redone_max, int(match.group(1)))
         run_dir = run_dir_of(victim_root)
+        session = this_session(run_dir, proc.pid)
+        if "resumed_from" in session:
+            resumes += 1
+            redone_max = max(redone_max, session["redone_steps"])
         if proc.returncode == -signal.SIGKILL:
             if kind == "failpoint":
                 stage = stage_in_progress(run_dir)
@@ -355,7 +357,6 @@ def main() -> int:
 # disk would still hold after a power cut, and that fails chosen syscalls on demand.
 
 COMMITTED = re.compile(r"Committed (\S.*) \(pid (\d+)\)$", re.M)
-RESUMED = re.compile(r"Fit: resuming from step-(\d{9})")
 
 
 def load_faultfs():  # noqa: ANN201 - the module, imported from beside this script
@@ -433,6 +434,18 @@ def committed_by(run_dir: Path | None, pid: int) -> list[Path]:
     except OSError:
         return []
     return [Path(m.group(1)) for m in COMMITTED.finditer(text) if int(m.group(2)) == pid]
+
+
+def this_session(run_dir: Path | None, pid: int) -> dict[str, Any]:
+    """The session record the launch with `pid` left (what fit resumed from, the steps it
+    redid), or {} if that launch wrote none (killed before it started a session)."""
+    if run_dir is None:
+        return {}
+    try:
+        session = RunDir(run_dir).read_session() or {}
+    except OSError:
+        return {}
+    return session if session.get("pid") == pid else {}
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -632,16 +645,16 @@ def power_cut_campaign(args: argparse.Namespace, config: list[str]) -> int:
                     time.sleep(0.02)
             run.kill_tree() if kind == "timer" else run.proc.wait()
             output = run.output()
-            totals["resumes"] += len(RESUMED.findall(output))
-            for match in RESUMED.finditer(output):
-                if int(match.group(1)) < promised:
+            run_dir = run_dir_of(outputs)
+            session = this_session(run_dir, run.proc.pid)  # the live tree, before any cut
+            if "resumed_from" in session:
+                totals["resumes"] += 1
+                if session["resumed_from"] < promised:
                     return fail(
-                        f"fit resumed from step {int(match.group(1))}, but step {promised} "
+                        f"fit resumed from step {session['resumed_from']}, but step {promised} "
                         "had been committed before the cut: a committed step was lost"
                     )
-            for match in re.finditer(r"had reached step \d+; (\d+) steps are redone", output):
-                totals["redone_max"] = max(totals["redone_max"], int(match.group(1)))
-            run_dir = run_dir_of(outputs)
+                totals["redone_max"] = max(totals["redone_max"], session["redone_steps"])
             code = run.proc.returncode
             if code == 0:
                 comparison, problems = verify_finished(ref_dir, run_dir, len(victim.corruptions))

@@ -43,15 +43,28 @@ def test_sides_alternate() -> None:
     assert orders == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
 
 
-def test_first_step_line_and_its_time() -> None:
-    line = (
-        "[2026-11-26 02:03:26,392][pipeline.fit][DEBUG] Fit: first step of this session "
-        "done (step 7)"
-    )
-    match = bench.FIRST_STEP.search("other line\n" + line + "\n")
-    assert match
-    later = bench.log_time("2026-11-26 02:03:27,500")
-    assert later - bench.log_time(match.group(1)) == pytest.approx(1.108, abs=1e-6)
+def test_resume_latency_reads_the_session_record(tmp_path: Path) -> None:
+    """Figure 4 times launch -> the `first_step_at` of the run's session record (a record,
+    not a log line's wording); a resumed session's record says where it resumed from."""
+    from conftest import cli
+
+    from pipeline.rundir import RunDir, run_dirs_under
+
+    outputs = tmp_path / "outputs"
+    args = ["data=sample", "data.train_size=300", "data.test_size=100", "model=mlp"]
+    args += ["checkpoint.every_steps=2", "export.tflite=false", f"run.outputs={outputs}"]
+    fresh = bench.launch_to_first_step(bench.pipeline_cmd("train", args), outputs, tmp_path / "a")
+    assert 0 < fresh["seconds"] < 600
+    (run_dir,) = run_dirs_under(outputs)
+    session = RunDir(run_dir).read_session()
+    assert session and "resumed_from" not in session and session["first_step"] == 1
+    assert cli(["train", *args, "fit.epochs=1"], tmp_path).returncode == 0
+    cmd = bench.pipeline_cmd("train", [*args, "fit.epochs=2"])
+    resumed = bench.launch_to_first_step(cmd, outputs, tmp_path / "b")
+    assert 0 < resumed["seconds"] < 600
+    session = RunDir(run_dir).read_session()
+    assert session and session["resumed_from"] == session["first_step"] - 1 >= 2
+    assert session["redone_steps"] == 0 and session["state"] == "running"
 
 
 def test_time_to_99_says_when_a_side_never_reaches_it() -> None:
