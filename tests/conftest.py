@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +28,30 @@ SMALL = [
     "fit.log_every_steps=2",
     "export.tflite=false",
 ]
+
+
+def load_faultfs() -> Any:
+    """scripts/faultfs.py (a script, not part of the package) as the module `faultfs`."""
+    if "faultfs" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("faultfs", ROOT / "scripts" / "faultfs.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["faultfs"] = module  # before exec: its dataclasses look the module up
+        spec.loader.exec_module(module)
+    return sys.modules["faultfs"]
+
+
+faultfs = load_faultfs()
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> Iterator[Any]:
+    """A faultfs mount (strict power-cut model) over a backing directory in tmp_path. Without
+    fuse3 and mfusepy the test fails, it does not skip: CI must run it."""
+    missing = faultfs.missing_prerequisites()
+    assert not missing, f"faultfs needs {', '.join(missing)}: {faultfs.INSTALL_HINT}"
+    with faultfs.FaultFS(tmp_path / "backing", tmp_path / "mnt") as mounted:
+        yield mounted
 
 
 def shared_mnist() -> Path:

@@ -8,35 +8,11 @@ test_campaigns.py. Needs fuse3 and mfusepy: without them these tests fail, they 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cli
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "faultfs.py"
-_spec = importlib.util.spec_from_file_location("faultfs", SCRIPT)
-assert _spec is not None and _spec.loader is not None
-faultfs = sys.modules.get("faultfs") or importlib.util.module_from_spec(_spec)
-if "faultfs" not in sys.modules:
-    sys.modules["faultfs"] = faultfs
-    _spec.loader.exec_module(faultfs)
-
-
-def require_fuse() -> None:
-    missing = faultfs.missing_prerequisites()
-    assert not missing, f"faultfs needs {', '.join(missing)}: {faultfs.INSTALL_HINT}"
-
-
-@pytest.fixture
-def fs(tmp_path: Path) -> Iterator[faultfs.FaultFS]:
-    require_fuse()
-    with faultfs.FaultFS(tmp_path / "backing", tmp_path / "mnt") as mounted:
-        yield mounted
+from conftest import cli, faultfs
 
 
 def test_filesystem_without_locking_is_refused_in_one_line(

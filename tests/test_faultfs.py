@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import importlib.util
 import os
 import signal
 import subprocess
@@ -18,13 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import faultfs
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "faultfs.py"
-_spec = importlib.util.spec_from_file_location("faultfs", SCRIPT)
-assert _spec is not None and _spec.loader is not None
-faultfs = importlib.util.module_from_spec(_spec)
-sys.modules["faultfs"] = faultfs
-_spec.loader.exec_module(faultfs)
+SCRIPT = Path(faultfs.__file__)
+
 FaultFS = faultfs.FaultFS
 
 

@@ -10,36 +10,18 @@ tests must then fail. Needs fuse3 and mfusepy: without them they fail, they do n
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import faultfs
 
 from pipeline import checkpoint, durable
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "faultfs.py"
-_spec = importlib.util.spec_from_file_location("faultfs", SCRIPT)
-assert _spec is not None and _spec.loader is not None
-faultfs = sys.modules.get("faultfs") or importlib.util.module_from_spec(_spec)
-if "faultfs" not in sys.modules:
-    sys.modules["faultfs"] = faultfs
-    _spec.loader.exec_module(faultfs)
 
 # A default cut drops every pending item; seeded cuts keep a random half of them (other legal
 # crash states). After a primitive returns, every one of them must show its result.
 CUTS = [None, 1, 2]
-
-
-@pytest.fixture
-def fs(tmp_path: Path) -> Iterator[faultfs.FaultFS]:
-    missing = faultfs.missing_prerequisites()
-    assert not missing, f"faultfs needs {', '.join(missing)}: {faultfs.INSTALL_HINT}"
-    with faultfs.FaultFS(tmp_path / "backing", tmp_path / "mnt") as mounted:
-        yield mounted
 
 
 @pytest.fixture(autouse=True)

@@ -4,19 +4,10 @@ durable-primitive tests of test_power_cut.py. Needs fuse3 and mfusepy (fails, ne
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from test_power_cut import faultfs, read_events
-
-
-@pytest.fixture
-def fs(tmp_path: Path) -> Iterator[faultfs.FaultFS]:
-    missing = faultfs.missing_prerequisites()
-    assert not missing, f"faultfs needs {', '.join(missing)}: {faultfs.INSTALL_HINT}"
-    with faultfs.FaultFS(tmp_path / "backing", tmp_path / "mnt") as mounted:
-        yield mounted
+from conftest import faultfs
+from test_power_cut import read_events
 
 
 def test_resuming_twice_from_one_checkpoint_marks_the_resume_once(fs: faultfs.FaultFS) -> None:
