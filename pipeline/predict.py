@@ -30,7 +30,7 @@ Classify digits with the newest exported model of a run.
 
 usage:
   python -m pipeline predict [key=value ...] [FILE ...] [--test-index I [I ...]]
-                             [--json OUT.json] [--version N]
+                             [--json OUT.json] [--export-version N]
 
 The run is chosen like for the other commands: the same overrides that name it
 (e.g. model=mlp seed=7) or run.name=NAME, and run.outputs=DIR. Its newest export version
@@ -60,18 +60,19 @@ inputs (any mix; one output line "<input>: class 7 (p=0.998)" per image):
                  integer/float type holding raw pixels 0-255 (floats are rounded); white
                  digit on black, already MNIST-like: used as is. Lines read
                  "ARRAY.npy[i]: ...".
-  --test-index   indices into the run's own test set (its data cache,
-                 outputs/<run>/data/prepared.npz): --test-index 0 1 2 or 0,1,2.
+  --test-index   indices into the run's own test set (its prepared data, verified first:
+                 outputs/.cache/data/<fingerprint>/): --test-index 0 1 2 or 0,1,2.
                  Lines read "test[i]: ...".
 
 Arguments containing "=" whose part before "=" is a config key are overrides; put file names
 after "--" if they contain "=" (python -m pipeline predict run.name=X -- a=b.png).
 
 options:
-  --json FILE    also write every result (class, probability, all 10 probabilities, and the
-                 label for test-set images) to FILE as JSON
-  --version N    use export version N instead of the newest
-  -h, --help     this help
+  --json FILE         also write every result (class, probability, all 10 probabilities,
+                      and the label for test-set images) to FILE as JSON
+  --export-version N  use export version N instead of the newest (a tool's --version is
+                      the package's: python -m pipeline --version)
+  -h, --help          this help
 
 exit codes: 0 done; 2 a usage mistake (unknown run, run without export, missing or unreadable
 file, wrong array shape or values); 1 the export failed verification or could not be loaded.
@@ -138,7 +139,7 @@ def parse_args(args: list[str]) -> tuple[list[str], argparse.Namespace]:
         "--test-index", dest="test_index", nargs="+", type=_indices, action="extend", default=[]
     )
     parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--version", type=int)
+    parser.add_argument("--export-version", type=int)
     opts = parser.parse_intermixed_args(rest)
     opts.files = [*opts.files, *forced]
     opts.test_index = [i for group in opts.test_index for i in group]
@@ -392,7 +393,7 @@ def run(args: list[str]) -> int:
     if json_path is not None and not json_path.absolute().parent.is_dir():
         raise UsageError(f"--json {json_path}: directory {json_path.parent} does not exist")
     run_dir, model_name = choose_run(overrides)
-    export, meta = choose_export(run_dir, model_name, overrides, opts.version)
+    export, meta = choose_export(run_dir, model_name, overrides, opts.export_version)
     inputs = read_inputs(opts.files, opts.test_index, run_dir)
     print(
         f"predict: {export} (checkpoint step {meta.get('checkpoint_step')})",

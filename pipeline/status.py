@@ -131,7 +131,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
 
 
+HELP = """\
+usage: python -m pipeline status [run.name=NAME] [run.outputs=DIR] [--json]
+
+What every run under run.outputs (default: outputs) is doing, best validation accuracy first:
+state (running, interrupted, done, failed), stages done, epoch, step, accuracies, the age of
+the newest checkpoint, the run's own disk use, and the shared prepared data. With run.name,
+one run in detail (its resumes, disk use, last message). --json prints the same as records,
+for scripts. Reads run directories only: no TensorFlow, and a running run is never touched.
+"""
+
+
 def main(args: list[str]) -> int:
+    if "--help" in args or "-h" in args:
+        print(HELP, end="")
+        return 0
     try:
         run_dirs = rundir.select_runs("status", args, flags=("--json",))
     except ConfigError as exc:

@@ -170,3 +170,10 @@ def test_wheel_carries_conf_the_sample_and_every_module(tmp_path: Path) -> None:
         assert f"Provides-Extra: {extra}" in metadata
     launcher = [line for line in metadata.splitlines() if "hydra-joblib-launcher" in line]
     assert launcher and all('extra == "launchers"' in line for line in launcher)
+
+
+def test_status_help_prints_help(tmp_path: Path) -> None:
+    result = cli(["status", "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m pipeline status")
+    assert not (tmp_path / "outputs").exists()

@@ -224,6 +224,15 @@ def test_help_documents_the_inputs(tmp_path: Path) -> None:
     assert result.returncode == 0
     for text in ("--test-index", "--json", ".npy", "centre of mass", "20", "invert"):
         assert text in result.stdout, text
+    # The export version has its own name: --version is the tool's (python -m pipeline --version).
+    assert "--export-version N" in result.stdout and "--version N" not in result.stdout
+
+
+def test_an_export_version_is_chosen_by_export_version(good: Path) -> None:
+    run_args = ["predict", *on(good), "--test-index", "0", "--export-version"]
+    assert cli([*run_args, "1"], good.parent.parent).returncode == 0
+    missing = cli([*run_args, "7"], good.parent.parent)
+    assert missing.returncode == 2 and "has no export version 7" in missing.stderr
 
 
 def test_the_only_run_needs_no_overrides(good: Path, digits: dict[str, np.ndarray]) -> None:
