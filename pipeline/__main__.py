@@ -214,8 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     from hydra.errors import CompactHydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from pipeline import stages, tfstart
     from pipeline.cli import hydra_main
     from pipeline.durable import disk_error
+
+    if not help_only and stages.needs_tensorflow(command):
+        tfstart.start()  # here, before Hydra: its C++ start-up notes never reach the terminal
 
     # Hydra would print a traceback for an error in its own job setup (writing .hydra/ or
     # opening the log on a full or failing disk); with this it raises, and we print one line.

@@ -203,6 +203,10 @@ def run_command(cfg: Config, run_dir: Path, stop: StopFlag, scale: Any = None) -
         # anything is committed inside it, or a power cut could take it with all its commits.
         durable.sync_ancestors(run_dir)
         rundir.check_ours(run)  # again here: sweep jobs' directories skip the pre-check
+        from pipeline.tfstart import DROPPED
+
+        for note in DROPPED:  # kept off the terminal by the entry point, kept in the log
+            log.debug("TensorFlow start-up: %s", note)
         removed = durable.remove_temps(run_dir)
         if removed:
             log.info("Removed %d temporary file(s) left by an interrupted write", len(removed))

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging as absl_logging
 
-from pipeline import checkpoint, durable
+from pipeline import checkpoint, durable, tfstart
 from pipeline.config import Config
 from pipeline.data import Prepared
 from pipeline.errors import PipelineError
@@ -143,11 +143,12 @@ def reload_predictions(fmt: str, path: Path, images: np.ndarray) -> np.ndarray:
         # page kills the process with SIGBUS instead of raising (found by --disk-faults).
         with durable.naming(path):
             content = path.read_bytes()
-        interpreter = tf.lite.Interpreter(model_content=content)
-        runner = interpreter.get_signature_runner("serving_default")
-        return np.concatenate(
-            [runner(image=images[i : i + 1])["probabilities"] for i in range(len(images))]
-        )
+        with tfstart.quiet_native():  # "Created TensorFlow Lite XNNPACK delegate for CPU"
+            interpreter = tf.lite.Interpreter(model_content=content)
+            runner = interpreter.get_signature_runner("serving_default")
+            return np.concatenate(
+                [runner(image=images[i : i + 1])["probabilities"] for i in range(len(images))]
+            )
     if fmt == "h5":  # read with Python, loaded from a copy: HDF5 never reads the run's disk
         with durable.naming(path):
             content = path.read_bytes()

@@ -346,6 +346,9 @@ def choose_export(
 def classify(export: Path, images: np.ndarray) -> np.ndarray:
     """Probabilities [N,10] from the SavedModel's serving_default signature."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from pipeline import tfstart
+
+    tfstart.start()
     import tensorflow as tf
 
     try:

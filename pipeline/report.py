@@ -6,6 +6,10 @@ config, learning curves, confusion matrix, per-class precision/recall, the worst
 checkpoint/export inventory with sha256, stage timings and the resume history. It only reads:
 the predictions it draws from are saved by the evaluate stage (`evaluate.record_evaluation`,
 which also writes the evaluation's TensorBoard summaries).
+
+This module reads the run into a plain `context` (dicts, lists, strings, numbers); the markup is
+the Jinja template pipeline/templates/report.html, rendered with autoescaping, so text from the
+run (config values, a session's failure message, paths) is escaped wherever it lands.
 `python -m pipeline report [run.name=NAME] [run.outputs=DIR]` is `main`.
 """
 
@@ -13,16 +17,19 @@ from __future__ import annotations
 
 import base64
 import datetime
-import html
+import functools
 import json
 import os
 import sys
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
+from markupsafe import Markup
 
 from pipeline import durable, rundir, visuals
 from pipeline.config import flatten
@@ -113,35 +120,7 @@ def load_predictions(run: RunDir) -> tuple[dict[str, np.ndarray] | None, str | N
         return None, f"{path} is unreadable ({exc})"
 
 
-# ================================================================ HTML
-
-CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;
-  margin:0;background:#f4f5f7}
-main{max-width:1140px;margin:0 auto;padding:20px 28px 40px;background:#fff}
-h1{font-size:26px;margin:8px 0 2px}h2{font-size:20px;margin:30px 0 10px;
-  border-bottom:2px solid #e3e5e8;padding-bottom:4px}h3{font-size:16px;margin:18px 0 6px}
-h1 code{font-size:19px}.sub{color:#666;margin:0 0 14px}
-code,pre{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
-pre{background:#f6f8fa;padding:10px;overflow-x:auto;border-radius:4px;line-height:1.2}
-.cards{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
-.card{border:1px solid #e3e5e8;border-radius:6px;padding:8px 12px;flex:1 1 0;min-width:110px}
-.card b{display:block;font-size:21px}.card span{color:#666;font-size:13px}
-nav a{margin-right:14px;color:#0b5cad;text-decoration:none}
-table{border-collapse:collapse;margin:6px 0 12px;font-size:14px}
-th,td{border-bottom:1px solid #e3e5e8;padding:4px 10px;text-align:left;vertical-align:top;
-  overflow-wrap:break-word}td.nowrap{white-space:nowrap}
-th{background:#f6f8fa}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-td.sha code{font-size:11.5px;word-break:break-all}
-.ok{color:#1a7f37;font-weight:600}.bad{color:#b3261e;font-weight:600}.muted{color:#888}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px}
-.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
-.groups{display:flex;flex-wrap:wrap;gap:6px 28px;align-items:flex-start}
-.groups table{min-width:250px}.groups h3{margin:6px 0 0}
-.tag{font-size:11px;background:#e8f0fe;color:#0b5cad;border-radius:3px;padding:0 4px}
-img{max-width:100%;height:auto;border:1px solid #eee}
-.fig{margin:8px 0}
-"""
+# ================================================================ the report's context
 
 SECTIONS = (
     ("summary", "Summary"),
@@ -155,17 +134,14 @@ SECTIONS = (
 )
 
 
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _img(png: bytes, alt: str, tag: str) -> str:
+def _figure(png: bytes, alt: str, tag: str) -> dict[str, Any]:
+    """An inlined PNG for the template's `figure` macro."""
     data = base64.b64encode(png).decode("ascii")
     width, _ = visuals.png_size(png)
-    return (
-        f'<div class="fig"><img data-figure="{esc(tag)}" alt="{esc(alt)}" '
-        f'width="{width}" src="data:image/png;base64,{data}"></div>'
-    )
+    # Markup (not escaped): a data URI built here from the bytes of a PNG that visuals drew
+    # from numbers; base64 has no character HTML would need escaped. No user text is in it:
+    # alt and tag are plain strings the template escapes.
+    return {"tag": tag, "alt": alt, "width": width, "src": Markup(f"data:image/png;base64,{data}")}
 
 
 def _when(timestamp: float | None) -> str:
@@ -203,139 +179,57 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _table(
-    header: list[str],
-    rows: list[list[str]],
-    numeric: set[int] | None = None,
-    cls: str = "",
-    column_classes: dict[int, str] | None = None,
-) -> str:
-    classes = {i: "num" for i in numeric or set()} | (column_classes or {})
-
-    def cell(tag: str, i: int, content: str) -> str:
-        attr = f' class="{classes[i]}"' if i in classes else ""
-        return f"<{tag}{attr}>{content}</{tag}>"
-
-    head = "".join(cell("th", i, h) for i, h in enumerate(header))
-    body = "".join(
-        "<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>" for r in rows
-    )
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _section(key: str, body: str) -> str:
-    title = dict(SECTIONS)[key]
-    return f'<section id="{key}"><h2>{esc(title)}</h2>\n{body}\n</section>\n'
-
-
-def _summary(info: dict[str, Any], metrics: dict[str, Any] | None, loop: dict[str, Any]) -> str:
-    cards = [
-        ("test accuracy", _pct((metrics or {}).get("test_accuracy"))),
-        ("test loss", _num((metrics or {}).get("test_loss"))),
-        ("best validation accuracy", _pct(loop.get("best_value"))),
-        ("epochs done", esc(loop.get("epoch", "-"))),
-        ("steps", esc(loop.get("global_step", "-"))),
-        ("resumes", esc(len(loop.get("resumes", [])))),
-        ("disk", _size(info["disk_bytes"])),
-    ]
-    html_cards = "".join(
-        f'<div class="card"><b>{value}</b><span>{esc(label)}</span></div>' for label, value in cards
-    )
-    stages = ", ".join(info["stages_done"]) or "none"
-    extra = f'<p class="note">{esc(info["message"])}</p>' if info.get("message") else ""
-    return (
-        f'<div class="cards">{html_cards}</div><p>State: <b>{esc(info["state"])}</b>; '
-        f"stages done: {esc(stages)}.</p>{extra}"
-    )
+def _summary(
+    info: dict[str, Any], metrics: dict[str, Any] | None, loop: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "test_accuracy": (metrics or {}).get("test_accuracy"),
+        "test_loss": (metrics or {}).get("test_loss"),
+        "best_value": loop.get("best_value"),
+        "epoch": loop.get("epoch", "-"),
+        "global_step": loop.get("global_step", "-"),
+        "resumes": len(loop.get("resumes", [])),
+        "disk_bytes": info["disk_bytes"],
+        "state": info["state"],
+        "stages_done": ", ".join(info["stages_done"]) or "none",
+        "message": info.get("message"),
+    }
 
 
 def _curves(
     history: list[dict[str, Any]],
     scalars: dict[str, list[tuple[int, float]]],
     resumes: list[dict[str, Any]],
-) -> str:
+) -> dict[str, Any]:
     if not history and not scalars.get("train/loss"):
-        return '<p class="muted">No training steps logged yet.</p>'
+        return {"figure": None, "history": []}
     step_scalars: dict[str, Sequence[tuple[int, float]]] = {
         tag: scalars[tag] for tag in ("train/loss", "train/accuracy") if tag in scalars
     }
     png = visuals.learning_curves_png(
         history, step_scalars, [r["step"] for r in resumes if r.get("step")]
     )
-    rows = [
-        [
-            esc(r.get("epoch")),
-            esc(r.get("step")),
-            _num(r.get("loss")),
-            _pct(r.get("accuracy")),
-            _num(r.get("val_loss")),
-            _pct(r.get("val_accuracy")),
-        ]
-        for r in history
-    ]
-    table = _table(
-        ["epoch", "step", "train loss", "train accuracy", "val loss", "val accuracy"],
-        rows,
-        numeric={0, 1, 2, 3, 4, 5},
-        cls="history",
-    )
-    return (
-        _img(png, "learning curves: loss and accuracy against step", "learning_curves")
-        + "<h3>Per epoch</h3>"
-        + table
-    )
+    columns = ("epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy")
+    alt = "learning curves: loss and accuracy against step"
+    return {
+        "figure": _figure(png, alt, "learning_curves"),
+        "history": [{c: r.get(c) for c in columns} for r in history],
+    }
 
 
 def _evaluation(
     predictions: dict[str, np.ndarray] | None, problem: str | None, metrics: dict[str, Any] | None
-) -> str:
+) -> dict[str, Any]:
     if predictions is None:
         why = problem or (
             f"No {rundir.PREDICTIONS} yet: run the evaluate stage "
             "(python -m pipeline evaluate run.name=...)."
         )
-        return f'<p class="note">{esc(why)}</p>'
+        return {"problem": why}
     labels, probabilities = predictions["labels"], predictions["probabilities"]
     step = int(predictions["checkpoint_step"])
     counts = visuals.confusion_matrix(labels, probabilities.argmax(axis=-1))
-    parts = []
-    if metrics and metrics.get("checkpoint_step") != step:
-        parts.append(
-            f'<p class="note">These predictions are from step {step}, but '
-            f"metrics.json is from step {esc(metrics.get('checkpoint_step'))}.</p>"
-        )
-    which = (metrics or {}).get("checkpoint", "")
-    parts.append(
-        f"<p>Checkpoint step {step}{f' ({esc(which)})' if which else ''}, "
-        f"{len(labels)} test images, accuracy "
-        f"{_pct(float(np.trace(counts)) / max(len(labels), 1))}.</p>"
-    )
-    rows = [
-        [
-            esc(r["class"]),
-            esc(r["support"]),
-            esc(r["predicted"]),
-            esc(r["correct"]),
-            _pct(r["precision"]),
-            _pct(r["recall"]),
-            _num(r["f1"], 3),
-        ]
-        for r in visuals.per_class_metrics(counts)
-    ]
-    table = _table(
-        ["class", "true", "predicted", "correct", "precision", "recall", "F1"],
-        rows,
-        numeric={0, 1, 2, 3, 4, 5, 6},
-        cls="per-class",
-    )
-    confusion = _img(
-        visuals.confusion_matrix_png(counts, f"Confusion matrix, step {step}"),
-        "confusion matrix: rows true class, columns predicted class",
-        "confusion_matrix",
-    )
-    parts.append(
-        f'<div class="row"><div>{confusion}</div><div><h3>Per class</h3>{table}</div></div>'
-    )
+    recorded = metrics or {}
     worst = predictions["worst_index"]
     grid = visuals.mistakes_grid_png(
         predictions["worst_images"],
@@ -343,51 +237,59 @@ def _evaluation(
         probabilities[worst],
         f"The {len(worst)} most confident mistakes",
     )
-    parts.append(
-        "<h3>Worst mistakes</h3><p>Wrong predictions made with the highest "
-        "probability, captioned true class / predicted class (probability).</p>"
-    )
-    parts.append(_img(grid, "the most confident wrong predictions", "worst_mistakes"))
-    return "\n".join(parts)
+    return {
+        "problem": None,
+        "step": step,
+        "stale_metrics": bool(recorded) and recorded.get("checkpoint_step") != step,
+        "metrics_step": recorded.get("checkpoint_step"),
+        "checkpoint": recorded.get("checkpoint", ""),
+        "images": len(labels),
+        "accuracy": float(np.trace(counts)) / max(len(labels), 1),
+        "per_class": visuals.per_class_metrics(counts),
+        "confusion": _figure(
+            visuals.confusion_matrix_png(counts, f"Confusion matrix, step {step}"),
+            "confusion matrix: rows true class, columns predicted class",
+            "confusion_matrix",
+        ),
+        "worst": _figure(grid, "the most confident wrong predictions", "worst_mistakes"),
+    }
 
 
-def _config(record: dict[str, Any] | None, problem: str | None, fit: dict[str, Any] | None) -> str:
+def _config(
+    record: dict[str, Any] | None, problem: str | None, fit: dict[str, Any] | None
+) -> dict[str, Any]:
     if record is None:
-        return f'<p class="note">run.json: {esc(problem)}</p>'
+        return {"problem": problem, "groups": []}
     identity = set(record.get("identity", {}))
-    groups: dict[str, list[list[str]]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for key, value in sorted(flatten(record.get("config", {})).items()):
         group, _, name = key.rpartition(".")
-        shown = esc(json.dumps(value))
+        now = None
         if key == "fit.epochs" and fit and fit.get("epochs") not in (None, value):
-            shown += f' <span class="muted">(now {esc(fit["epochs"])})</span>'
-        if key in identity:
-            shown += ' <span class="tag" title="part of the run\'s identity">id</span>'
+            now = fit["epochs"]  # fit.epochs may change when a run is resumed
         groups.setdefault(group or "top level", []).append(
-            [f'<code title="{esc(key)}">{esc(name)}</code>', shown]
+            {
+                "key": key,
+                "name": name,
+                "value": json.dumps(value),
+                "now": now,
+                "identity": key in identity,
+            }
         )
     order = ["data", "model", "optimizer", "fit", "top level"]
     names = sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
-    tables = "".join(
-        f"<div><h3>{esc(g)}</h3>{_table(['key', 'value'], groups[g], cls='config')}</div>"
-        for g in names
-    )
-    return (
-        "<p>As recorded when the run was created (<code>run.json</code>). Keys marked "
-        '<span class="tag">id</span> are the run\'s identity: changing one needs a new run.'
-        f'</p><div class="groups">{tables}</div>'
-    )
+    return {"problem": None, "groups": [{"name": g, "rows": groups[g]} for g in names]}
 
 
-def _timings(run: RunDir, sessions: list[dict[str, Any]]) -> str:
-    rows, previous = [], None
+def _timings(run: RunDir, sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    previous = None
     for stage in rundir.STAGES:
         rec = run.read_stage(stage)
         if not rec:
-            rows.append([esc(stage), '<span class="muted">not done</span>', "-", "-", ""])
+            rows.append({"stage": stage, "done": False})
             continue
         finished = rec.get("finished")
-        took = rec.get("seconds", rec.get("seconds_this_session"))
         gap: float | None = (
             finished - previous if finished is not None and previous is not None else None
         )
@@ -401,39 +303,18 @@ def _timings(run: RunDir, sessions: list[dict[str, Any]]) -> str:
             ),
             "export": lambda r: _relative(r.get("path", "-"), run.root),
         }[stage](rec)
-        rows.append([esc(stage), _when(finished), _duration(took), _duration(gap), esc(detail)])
-        previous = finished if finished is not None else previous
-    out = _table(
-        ["stage", "finished", "took", "after previous stage", ""],
-        rows,
-        numeric={2, 3},
-        cls="stages",
-        column_classes={1: "nowrap"},
-    )
-    out += (
-        '<p class="muted">"took" is recorded for fit (this session\'s training time); '
-        '"after previous stage" is the time between finish stamps, which includes other '
-        "sessions if the stages ran in different ones.</p>"
-    )
-    if sessions:
-        srows = [
-            [
-                esc(s["file"]),
-                _when(s["started"]),
-                f"{s['first_step']}–{s['last_step']}",
-                _duration(s["seconds"]),
-                _num(s["steps_per_second"], 1),
-            ]
-            for s in sessions
-        ]
-        out += "<h3>Training sessions (TensorBoard event files)</h3>" + _table(
-            ["event file", "first step logged at", "steps logged", "wall time", "steps/s"],
-            srows,
-            numeric={3, 4},
-            cls="sessions",
-            column_classes={1: "nowrap"},
+        rows.append(
+            {
+                "stage": stage,
+                "done": True,
+                "finished": finished,
+                "took": rec.get("seconds", rec.get("seconds_this_session")),
+                "gap": gap,
+                "detail": detail,
+            }
         )
-    return out
+        previous = finished if finished is not None else previous
+    return {"stages": rows, "sessions": sessions}
 
 
 def _relative(path: str, run_dir: Path) -> str:
@@ -443,38 +324,19 @@ def _relative(path: str, run_dir: Path) -> str:
         return path
 
 
-def _resumes(resumes: list[dict[str, Any]]) -> str:
-    if not resumes:
-        return "<p>Never resumed: trained in one session.</p>"
-    rows = [
-        [esc(i + 1), esc(r.get("step")), esc(r.get("epoch", 0) + 1), _when(r.get("time"))]
-        for i, r in enumerate(resumes)
+def _resumes(resumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        # The loop state counts epochs from 0; the report, like the log, from 1.
+        {"step": r.get("step"), "epoch": r.get("epoch", 0) + 1, "time": r.get("time")}
+        for r in resumes
     ]
-    return (
-        f"<p>Resumed {_plural(len(resumes), 'time')}; each session continued exactly "
-        "from the checkpoint named here (the dashed lines in the learning curves).</p>"
-        + _table(
-            ["#", "resumed from step", "in epoch", "at"],
-            rows,
-            numeric={0, 1, 2},
-            cls="resumes",
-            column_classes={3: "nowrap"},
-        )
-    )
 
 
-def _inventory(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+def _inventory(run_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`rows` of `inventory`, their paths shown relative to `run_dir`."""
-    if not rows:
-        return '<p class="muted">No checkpoints or exports yet.</p>'
-    parts = []
+    shown = []
     for row in rows:
         rel = Path(os.path.relpath(row["path"], run_dir))  # shared data sits beside the run
-        status = (
-            f'<span class="ok">{esc(row["status"])}</span>'
-            if row["ok"]
-            else f'<span class="bad">{esc(row["status"])}</span>'
-        )
         meta = row["meta"]
         bits = [
             f"step {meta['step']}" if "step" in meta else "",
@@ -485,33 +347,26 @@ def _inventory(run_dir: Path, rows: list[dict[str, Any]]) -> str:
         summary = "; ".join(
             b for b in (info, f"{_plural(len(row['files']), 'file')}, {_size(total)}") if b
         )
-        parts.append(
-            f"<h3>{esc(row['kind'])} <code>{esc(rel)}</code> {status}</h3>"
-            f'<p class="muted">{esc(summary)}</p>'
-        )
         files = [
-            [
-                f"<code>{esc(rel / name)}</code>",
-                f'<span title="{f["size"]} bytes">{_size(f["size"])}</span>',
-                f"<code>{esc(f['sha256'])}</code>",
-            ]
+            {"path": str(rel / name), "size": f["size"], "sha256": f["sha256"]}
             for name, f in row["files"]
         ]
-        if files:
-            parts.append(
-                _table(
-                    ["file", "size", "sha256 (from MANIFEST.json)"],
-                    files,
-                    numeric={1},
-                    cls="files",
-                    column_classes={0: "path", 2: "sha"},
-                )
-            )
-    return "\n".join(parts)
+        shown.append(
+            {
+                "kind": row["kind"],
+                "path": str(rel),
+                "status": row["status"],
+                "ok": row["ok"],
+                "summary": summary,
+                "files": files,
+            }
+        )
+    return shown
 
 
-def render(run_dir: RunDir | Path) -> str:
-    """The report of a run, read only: a damaged record shows as missing and stays put."""
+def context(run_dir: RunDir | Path) -> dict[str, Any]:
+    """Everything the report shows, as plain data (dicts, lists, strings, numbers; the figures'
+    data URIs are the only Markup), read only: a damaged record shows as missing and stays put."""
     from pipeline import status
 
     run = RunDir.of(run_dir)
@@ -538,34 +393,49 @@ def render(run_dir: RunDir | Path) -> str:
     scalars, sessions = tensorboard_sessions(run.tensorboard)
     predictions, problem = load_predictions(run)
     summary_txt = run.model_summary
-    model = (
-        f"<pre>{esc(summary_txt.read_text())}</pre>"
-        if summary_txt.exists()
-        else '<p class="muted">No model summary yet.</p>'
+    return {
+        "name": run.name,
+        "root": str(run.root),
+        "generated": time.time(),
+        "latest": Path(info["latest_checkpoint"]).name if info["latest_checkpoint"] else "-",
+        "sections": SECTIONS,
+        "summary": _summary(info, metrics, loop),
+        "curves": _curves(loop.get("history", []), scalars, loop.get("resumes", [])),
+        "evaluation": _evaluation(predictions, problem, metrics),
+        "config": _config(run_record, run_problem, fit),
+        "timings": _timings(run, sessions),
+        "resumes": _resumes(loop.get("resumes", [])),
+        "inventory": _inventory(run.root, inventory(run)),
+        "model_summary": summary_txt.read_text() if summary_txt.exists() else None,
+    }
+
+
+# ================================================================ HTML
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    """The report's Jinja environment: every `{{ }}` is HTML-escaped (autoescape) unless the
+    value is a Markup made in this module, and a name missing from the context is an error."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
-    body = "".join(
-        [
-            _section("summary", _summary(info, metrics, loop)),
-            _section("curves", _curves(loop.get("history", []), scalars, loop.get("resumes", []))),
-            _section("evaluation", _evaluation(predictions, problem, metrics)),
-            _section("config", _config(run_record, run_problem, fit)),
-            _section("timings", _timings(run, sessions)),
-            _section("resumes", _resumes(loop.get("resumes", []))),
-            _section("inventory", _inventory(run.root, inventory(run))),
-            _section("model", model),
-        ]
+    env.filters.update(
+        pct=_pct, num=_num, size=_size, duration=_duration, when=_when, plural=_plural
     )
-    nav = " ".join(f'<a href="#{key}">{esc(title)}</a>' for key, title in SECTIONS)
-    generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    latest = Path(info["latest_checkpoint"]).name if info["latest_checkpoint"] else "-"
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>Run {esc(run.name)}: report</title><style>{CSS}</style></head>\n"
-        f"<body><main><h1>Run <code>{esc(run.name)}</code></h1>"
-        f'<p class="sub">{esc(run.root)} · report generated {generated} · '
-        f"newest checkpoint {esc(latest)}"
-        f"</p><nav>{nav}</nav>\n{body}</main></body></html>\n"
-    )
+    return env
+
+
+def render(run_dir: RunDir | Path) -> str:
+    """The report of a run (templates/report.html over `context`)."""
+    return environment().get_template("report.html").render(context(run_dir))
 
 
 def write_report(run_dir: RunDir | Path) -> Path:

@@ -38,13 +38,14 @@ class Stage:
     module: str  # implements is_done(ctx) and run(ctx)
     command: bool = True  # `python -m pipeline <name>` runs it (with what it needs)
     every_worker: bool = False  # under a multi-worker strategy non-chief workers run it too
+    tensorflow: bool = True  # its module imports TensorFlow (the entry point starts it quietly)
 
     def implementation(self) -> StageModule:
         return cast(StageModule, importlib.import_module(self.module))
 
 
 REGISTRY = (
-    Stage("data", (), "pipeline.data", every_worker=True),
+    Stage("data", (), "pipeline.data", every_worker=True, tensorflow=False),
     # The model stage records the architecture (model_summary.txt); fit builds its own.
     Stage("model", ("data",), "pipeline.models", command=False),
     # Every worker of a strategy trains: the training step holds collectives.
@@ -92,6 +93,10 @@ def plan(command: str) -> tuple[Stage, ...]:
             wanted.add(name)
             todo.extend(get(name).needs)
     return tuple(stage for stage in REGISTRY if stage.name in wanted)
+
+
+def needs_tensorflow(command: str) -> bool:
+    return any(stage.tensorflow for stage in plan(command))
 
 
 class StopFlag(Protocol):

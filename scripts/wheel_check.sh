@@ -16,7 +16,7 @@ cp -r pyproject.toml README.md pipeline conf "$work/src/"
 python3 -m pip wheel --quiet --no-deps -w "$work/wheel" "$work/src"
 wheels=("$work"/wheel/pipeline-*.whl)
 listing=$(python3 -m zipfile -l "${wheels[0]}")
-for member in pipeline/conf/config.yaml pipeline/sample/mnist_sample.npz; do
+for member in pipeline/conf/config.yaml pipeline/sample/mnist_sample.npz pipeline/templates/report.html; do
   grep -q "^$member " <<<"$listing" || { echo "wheel check: $member is not in the wheel" >&2; exit 1; }
 done
 

@@ -164,6 +164,11 @@ def test_wheel_carries_conf_the_sample_and_every_module(tmp_path: Path) -> None:
     }
     assert modules - names == set(), "add the subpackage to [tool.setuptools] packages"
     assert "pipeline/sample/mnist_sample.npz" in names
+    templates = {
+        p.relative_to(ROOT).as_posix() for p in (ROOT / "pipeline" / "templates").iterdir()
+    }
+    assert "pipeline/templates/report.html" in templates
+    assert templates - names == set(), "add the template to [tool.setuptools.package-data]"
     assert not any(n.startswith("conf/") for n in names)
     assert "pipeline = pipeline.__main__:main" in entry_points
     for extra in ("launchers", "gpu", "dev", "test"):

@@ -202,6 +202,30 @@ def test_report_config_values(run_copy: Path) -> None:
     assert shown["data.train_size"] == "600" and shown["fit.batch_size"] == "50"
 
 
+def test_report_escapes_text_from_the_run(run_copy: Path) -> None:
+    """Text the run's records carry lands in the page escaped (the template's autoescaping):
+    a session's failure message, a config value, a config key (in an attribute too)."""
+    script = "<script>alert(1)</script>"
+    value = '"><img src=x onerror=alert(1)>'
+    key = '"><svg onload=alert(1)>'
+    session = durable.read_record(run_copy / "session.json")
+    durable.write_record(run_copy / "session.json", {**session, "message": script})
+    record = durable.read_record(run_copy / "run.json")
+    record["config"]["data"]["path"] = value
+    record["config"]["model"][key] = 1
+    durable.write_record(run_copy / "run.json", record)
+    text = written(run_copy)
+    assert "<script" not in text
+    assert '<p class="note">&lt;script&gt;alert(1)&lt;/script&gt;</p>' in section(text, "summary")
+    for raw in ("<img src=x", "onerror=alert(1)>", "<svg", "onload=alert(1)>"):
+        assert raw not in text, raw
+    assert text.count("<img ") == 3  # the three figures, nothing from the run
+    config = section(text, "config")
+    shown = {html.unescape(k): html.unescape(v).strip() for k, v in CONFIG_ROW.findall(config)}
+    assert shown["data.path"] == json.dumps(value)
+    assert shown[f"model.{key}"] == "1"
+
+
 def test_report_evaluation_numbers(run_copy: Path) -> None:
     metrics = json.loads((run_copy / "metrics.json").read_text())
     text = written(run_copy)
