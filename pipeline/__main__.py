@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     from hydra.errors import CompactHydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from pipeline import stages, tfstart
+    from pipeline import durable, stages, tfstart
     from pipeline.cli import hydra_main
     from pipeline.durable import disk_error
 
@@ -240,10 +240,13 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc.__cause__, OmegaConfBaseException):
             print(exc.__cause__, file=sys.stderr, flush=True)
         sys.exit(1)
-    except OSError as exc:
-        if full_error:
+    except (OSError, ValueError) as exc:
+        # Hydra's own job setup wraps a failing disk: opening pipeline.log on it is
+        # "ValueError: Unable to configure handler 'file'" caused by the OSError.
+        cause = exc if isinstance(exc, OSError) else durable.os_error_in(exc)
+        if full_error or cause is None:
             raise
-        fail(str(disk_error(exc, exc.filename or run_dir)), 1)
+        fail(str(disk_error(cause, cause.filename or run_dir)), 1)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ DATA = ["data", "data=sample", "data.train_size=200", "data.test_size=100"]
     ("op", "glob", "errno_name", "names"),
     [
         ("write", "*/pipeline.log", "EIO", "/pipeline.log: Input/output error"),
+        ("create", "*/pipeline.log", "EIO", "/pipeline.log: Input/output error"),
         ("create", "*/.hydra/config.yaml", "EIO", "/.hydra/config.yaml: Input/output error"),
         ("flush", "*/.hydra/overrides.yaml", "EIO", ",data=sample: Input/output error"),
         ("write", "*/.cache/data/.*.tmp-*/prepared.npz", "ENOSPC", "No space left writing "),
