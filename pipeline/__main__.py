@@ -132,11 +132,14 @@ def precheck(command: str, args: list[str], config_dir: str | None = None) -> Pa
 
 def check_writable(run_dir: Path) -> None:
     """Fail before Hydra starts writing into a directory that cannot take it."""
+    from pipeline.durable import TMP_MARK
     from pipeline.errors import PipelineError
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
+        # Named as a temporary of ours: if a failing disk refuses to delete it, the next start
+        # removes it and never mistakes it for a user's file (found by --disk-faults).
+        with tempfile.TemporaryFile(dir=run_dir, prefix=f".write-probe{TMP_MARK}"):
             pass
     except OSError as exc:
         raise PipelineError(

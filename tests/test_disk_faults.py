@@ -168,6 +168,20 @@ def test_failing_hdf5_export_is_one_line_not_a_crash(
     assert cli(args, tmp_path).returncode == 0
 
 
+def test_a_write_probe_left_by_a_failing_disk_is_not_taken_for_a_users_file(
+    fs: faultfs.FaultFS, tmp_path: Path
+) -> None:
+    """The pre-check's write probe could not be deleted (found by --disk-faults: the next start
+    then refused the run directory as not ours): it is named as our temporary."""
+    outputs = fs.mount / "outputs"
+    fs.fault("unlink", "*/.write-probe*", "EIO")
+    failed = cli([*DATA, f"run.outputs={outputs}"], tmp_path)
+    assert failed.returncode == 1 and failed.stderr.startswith("error: Cannot write"), failed.stderr
+    fs.clear_faults()
+    rerun = cli([*DATA, f"run.outputs={outputs}"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+
+
 def test_read_error_never_sets_a_sound_checkpoint_aside(fs: faultfs.FaultFS) -> None:
     """An I/O error while reading a checkpoint is the disk's, not the checkpoint's: the
     command fails naming the file, and the checkpoint stays (found by --disk-faults: a sound
