@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, cli
 
+from pipeline.rundir import PREPARED, RunDir
+
 RUN = [
     "data=sample",
     "data.train_size=2000",
@@ -82,7 +84,7 @@ def test_every_format_scores_like_the_evaluate_stage_in_a_fresh_process(exported
         SCORE_EVERY_FORMAT,
         exported,
         str(run_dir / "export" / "mnist" / "1"),
-        str(run_dir / "data" / "prepared.npz"),
+        str(RunDir(run_dir).data / PREPARED),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout.strip().splitlines()[-1])
@@ -105,7 +107,7 @@ def readme_snippets() -> list[str]:
 def test_readme_snippets_run_as_printed(exported: Path) -> None:
     snippets = readme_snippets()
     assert len(snippets) == 5, "the README's export snippets changed: update this test"
-    with np.load(exported / "outputs" / "default" / "data" / "prepared.npz") as npz:
+    with np.load(RunDir(exported / "outputs" / "default").data / PREPARED) as npz:
         np.save(exported / "digits.npy", npz["x_test"][:3])
     for code in snippets[:4]:  # the four formats: no pipeline import allowed
         checked = code + '\nimport sys\nassert "pipeline" not in sys.modules\n'
