@@ -448,9 +448,23 @@ def write_report(run_dir: RunDir | Path) -> Path:
 # ================================================================ command line
 
 
+HELP = """\
+usage: python -m pipeline report [run.name=NAME] [run.outputs=DIR]
+
+Write report.html of one run (run.name), or of every run under run.outputs (default: outputs):
+one self-contained page with the config, learning curves, confusion matrix, per-class
+precision and recall, the worst mistakes, every checkpoint and export with its sha256, stage
+timings and the resume history. Reads the run without TensorFlow; `train`, `evaluate` and
+`export` keep it current on their own.
+"""
+
+
 def main(args: list[str]) -> int:
     """`python -m pipeline report [run.name=NAME] [run.outputs=DIR]`: write report.html of one
     run, or of every run under run.outputs."""
+    if "--help" in args or "-h" in args:
+        print(HELP, end="")
+        return 0
     from pipeline.errors import PipelineError
     from pipeline.rundir import select_runs
 

@@ -177,8 +177,9 @@ def test_wheel_carries_conf_the_sample_and_every_module(tmp_path: Path) -> None:
     assert launcher and all('extra == "launchers"' in line for line in launcher)
 
 
-def test_status_help_prints_help(tmp_path: Path) -> None:
-    result = cli(["status", "--help"], tmp_path)
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_read_commands_print_help(tmp_path: Path, command: str) -> None:
+    result = cli([command, "--help"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: python -m pipeline status")
+    assert result.stdout.startswith(f"usage: python -m pipeline {command}")
     assert not (tmp_path / "outputs").exists()
