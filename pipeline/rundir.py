@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -432,6 +433,8 @@ def is_running(run_dir: RunDir | Path) -> bool:
 
 # What a run directory holds before its run.json exists (Hydra writes .hydra/ and the log first).
 BEFORE_RECORD = frozenset({HYDRA, LOG, LOCK, SESSION})
+# ...and the logs of non-chief workers of a multi-worker run (README: Several workers).
+WORKER_LOG = re.compile(r"pipeline\.worker\d+\.log")
 
 
 def check_ours(run_dir: RunDir | Path) -> None:
@@ -445,7 +448,7 @@ def check_ours(run_dir: RunDir | Path) -> None:
     if run_record_state(run_dir) != "foreign":
         return
     names = sorted(n for n in os.listdir(run_dir) if durable.TMP_MARK not in n)
-    strange = [n for n in names if n not in BEFORE_RECORD]
+    strange = [n for n in names if n not in BEFORE_RECORD and not WORKER_LOG.fullmatch(n)]
     if strange:
         holds = (
             "a run.json that is not a run record of ours"
