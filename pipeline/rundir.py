@@ -19,7 +19,6 @@ outputs/<run name>/
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -289,10 +288,11 @@ class RunDir:
         durable.CorruptArtifact, or KeyError (no such array)."""
         import numpy as np
 
-        if not self.data.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "no prepared data", str(self.data))
-        durable.verify_dir(self.data)
-        path = self.data / PREPARED
+        data = self.data  # read from the data record: once
+        if not data.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no prepared data", str(data))
+        durable.verify_dir(data)
+        path = data / PREPARED
         with durable.naming(path), np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in names or npz.files}
 
@@ -355,27 +355,23 @@ class RunLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
-        except OSError as exc:  # name the file (a call on a descriptor names none)
+            with durable.naming(self.path):  # a call on a descriptor names no file
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:
             os.close(fd)
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            raise
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
-            try:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            except OSError as exc:  # name the file (a call on a descriptor names none)
-                with contextlib.suppress(OSError):
+            with durable.naming(self.path):  # a call on a descriptor names no file
+                try:
+                    os.ftruncate(fd, 0)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
                     os.close(fd)  # closing drops the lock anyway
-                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
-            try:
-                os.close(fd)
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -310,10 +310,7 @@ def main() -> int:
             f"({victim.comparison.summary() if victim.comparison else 'nothing compared'})",
             flush=True,
         )
-        if problems:
-            print(f"FAIL: victim {victim.number} differs from the uninterrupted run:")
-            for problem in problems[:20]:
-                print(f"  - {problem}")
+        if differs(victim, problems):
             return 1
         if sum(kills_by_stage.values()) >= args.kills:
             break
@@ -513,6 +510,15 @@ def audit(run_dir: Path | None, skip: set[str]) -> list[str]:
 def set_aside(path: Path) -> int:
     """How many damaged copies of `path` the pipeline has set aside (`<name>.corrupt*`)."""
     return len(list(path.parent.glob(f"{path.name}.corrupt*")))
+
+
+def differs(victim: Victim, problems: list[str]) -> bool:
+    """Print how a finished victim differs from the uninterrupted run, if it does."""
+    if problems:
+        print(f"FAIL: victim {victim.number} differs from the uninterrupted run:")
+        for problem in problems[:20]:
+            print(f"  - {problem}")
+    return bool(problems)
 
 
 def shared_data(run_dir: Path) -> list[Path]:
@@ -999,10 +1005,7 @@ def disk_fault_campaign(args: argparse.Namespace, config: list[str]) -> int:
                 f"errors: {'verified' if not problems else 'DIFFERS'}",
                 flush=True,
             )
-            if problems:
-                print(f"FAIL: victim {victim.number} differs from the uninterrupted run:")
-                for problem in problems[:20]:
-                    print(f"  - {problem}")
+            if differs(victim, problems):
                 return 1
             if injected >= args.faults:
                 assert run_dir is not None
