@@ -1,5 +1,6 @@
 """Training checkpoints: committed directories `checkpoints/step-<N>/` holding every array needed
-to continue exactly (`state.npz`) and a manifest whose meta carries the loop position.
+to continue exactly (`state.npz`) and a manifest whose meta carries the loop position and the
+library versions that wrote it (pipeline/versions.py).
 
 The newest directory that verifies is "latest"; there is no pointer file to go stale. One that
 fails verification is set aside as `<name>.corrupt` and the next older one is used.
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import durable
+from pipeline import durable, versions
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{9})$")
@@ -28,7 +29,8 @@ class Checkpoint:
     step: int
     path: Path
     arrays: dict[str, np.ndarray]
-    meta: dict[str, Any]
+    meta: dict[str, Any]  # what the caller of save() gave, and the step
+    versions: dict[str, str] | None = None  # who wrote it; None: written before versions were
 
 
 def committed_steps(root: Path) -> list[int]:
@@ -47,7 +49,7 @@ def save(root: Path, step: int, arrays: dict[str, np.ndarray], meta: dict[str, A
     durable.write_dir(
         final,
         lambda tmp: np.savez(tmp / "state.npz", **arrays),  # type: ignore[arg-type]
-        {**meta, "step": step},
+        {**meta, "step": step, "versions": versions.current()},
         size_hint=sum(a.nbytes for a in arrays.values()),
     )
     return final
@@ -64,7 +66,9 @@ def load(path: Path) -> Checkpoint:
         if isinstance(exc, OSError) and durable.is_disk_failure(exc):
             raise  # the disk failed, not this checkpoint: never set a sound one aside for it
         raise durable.CorruptArtifact(f"{path}: unreadable state ({exc})") from exc
-    return Checkpoint(meta["step"], path, arrays, meta)
+    written_by = versions.recorded(meta)
+    meta = {k: v for k, v in meta.items() if k != "versions"}
+    return Checkpoint(meta["step"], path, arrays, meta, written_by)
 
 
 def load_latest(root: Path, only_step: int | None = None, owner: bool = True) -> Checkpoint | None:

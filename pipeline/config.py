@@ -28,6 +28,9 @@ class RunConfig:
     name: str | None = None  # None: derived from the command-line overrides (see README)
     restart: bool = False
     outputs: str = "outputs"
+    # A later session under other library versions than the run's first: refuse (exit 2)
+    # instead of continuing with a warning (pipeline/versions.py). Not part of the identity.
+    strict_versions: bool = False
 
 
 # Choices are Enums: Hydra refuses any other value while composing, naming the allowed ones, and

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging as absl_logging
 
-from pipeline import checkpoint, durable, tfstart
+from pipeline import checkpoint, durable, tfstart, versions
 from pipeline.config import Config
 from pipeline.data import Prepared
 from pipeline.errors import PipelineError
@@ -289,6 +289,7 @@ def run_export(
             },
             "max_probability_difference": diffs,
             "commit": git_commit(),
+            "versions": versions.current(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "files": {
                 str(p.relative_to(tmp)): durable.sha256_file(p)

@@ -3,7 +3,7 @@ writer at a time), its identity, and its stage records.
 
 outputs/<run name>/
   .lock                  flock'ed by the process working on the run (pid, host, start)
-  run.json               identity config + session history (a checksummed record)
+  run.json               identity, config, library versions of its first session (checksummed)
   session.json           the last session's state (a checksummed record)
   stages/<stage>.json    written when a stage finishes; a finished stage is skipped
   data/                  prepared data cache (committed directory with manifest)
@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,11 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import durable, stages
+from pipeline import durable, stages, versions
 from pipeline.errors import ConfigError, PipelineError, RunLocked
 
 if TYPE_CHECKING:
     import numpy as np
+
+log = logging.getLogger(__name__)
 
 STAGES = stages.NAMES  # each leaves stages/<name>.json when it finishes
 
@@ -195,9 +198,16 @@ class RunDir:
             return None
 
     def start_session(self, command: str) -> None:
-        """A new session's record (state "running") replaces the last session's."""
+        """A new session's record (state "running", with this session's library versions)
+        replaces the last session's."""
         now = time.time()
-        record = {"state": "running", "command": command, "pid": os.getpid(), "started": now}
+        record = {
+            "state": "running",
+            "command": command,
+            "pid": os.getpid(),
+            "started": now,
+            "versions": versions.current(),
+        }
         durable.write_record(self.session, {**record, "time": now})
 
     def update_session(self, **facts: Any) -> None:
@@ -501,7 +511,8 @@ def check_identity(
     full_config: dict[str, Any],
     defaults: dict[str, Any] | None = None,
 ) -> None:
-    """Record the run's identity on first use; refuse a different one later.
+    """Record the run's identity (and this session's library versions) on first use; refuse a
+    different identity later, and say when the versions differ (see check_versions).
 
     A key the run's record does not have (added to the schema since) matches its default value.
     """
@@ -514,6 +525,7 @@ def check_identity(
                 "format": RUN_FORMAT,
                 "identity": identity,
                 "config": full_config,
+                "versions": versions.current(),
                 "created": time.time(),
             },
         )
@@ -550,6 +562,36 @@ def check_identity(
             " Use run.name=<new name> for a new run, or run.restart=true to "
             "discard this one and start over."
         )
+    run_options = full_config.get("run")
+    strict = isinstance(run_options, dict) and bool(run_options.get("strict_versions"))
+    check_versions(run, record, strict)
+
+
+def check_versions(run: RunDir, record: dict[str, Any], strict: bool) -> None:
+    """A later session of a run under other library versions than its first one: one line
+    saying the continuation is not bit-identical to an uninterrupted run, or (`strict`,
+    run.strict_versions=true) a refusal. run.json keeps the first session's versions; a run
+    recorded before versions were has none, and nothing is said (pipeline/versions.py)."""
+    diffs = versions.differences(record)
+    if not diffs:
+        if versions.recorded(record) is None:
+            log.debug("%s records no library versions (made before they were)", run.run_record)
+        return
+    changed = ", ".join(diffs)
+    if strict:
+        first = versions.recorded(record) or {}
+        wanted = ", ".join(f"{name} {first[name]}" for name in versions.NAMES if name in first)
+        raise ConfigError(
+            f"Run {run.root} was made under other library versions ({changed}), and "
+            "run.strict_versions=true refuses to continue it: the result would not be "
+            f"bit-identical to an uninterrupted run. Continue it under its versions ({wanted}), "
+            "or use run.restart=true to start it over, or run.name=<new name> for a new run."
+        )
+    log.info(
+        "Versions differ from the run's first session (%s): the run continues, but not "
+        "bit-identical to an uninterrupted run. run.strict_versions=true refuses instead.",
+        changed,
+    )
 
 
 def finish_stage(run_dir: RunDir | Path, stage: str, record: dict[str, Any]) -> None:
