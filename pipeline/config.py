@@ -62,6 +62,13 @@ class OptimizerName(Choice):
     sgd = "sgd"
 
 
+class ProgressMode(Choice):
+    auto = "auto"  # the live bar on a terminal, plain lines otherwise (files, Slurm, CI, tee)
+    bar = "bar"  # Keras' live progress bar (control codes: for terminals)
+    line = "line"  # one plain line every fit.log_every_steps steps
+    off = "off"  # epoch summaries only
+
+
 class Schedule(Choice):
     constant = "constant"
     cosine = "cosine"
@@ -96,6 +103,7 @@ class FitConfig:
     log_every_steps: int = 50
     early_stopping_patience: int = 0  # epochs without improvement; 0: off
     augment_shift: int = 0  # random shifts of training images by up to N pixels; 0: off
+    progress: ProgressMode = ProgressMode.auto
 
 
 @dataclass
@@ -151,6 +159,7 @@ COMPATIBLE_KEYS = (
     "data.path",
     "fit.epochs",
     "fit.log_every_steps",
+    "fit.progress",
     "fit.early_stopping_patience",
     "checkpoint",
     "evaluate",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pipeline.config import (
     FitConfig,
     OptimizerConfig,
     OptimizerName,
+    ProgressMode,
     Schedule,
 )
 from pipeline.data import Prepared
@@ -332,21 +334,69 @@ def evaluate_logits(
 
 
 class Progress:
-    """A Keras-style live line per epoch, refreshed a few times a second."""
+    """What the console shows while an epoch trains: Keras' live bar on a terminal; in a file
+    (Slurm, submitit, CI, `tee`, `nohup`) one plain line every `fit.log_every_steps` steps,
+    because the bar's carriage returns and colour codes turn a log file into one long line per
+    epoch. `off` leaves the epoch summaries alone."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
-        print(f"Epoch {epoch + 1}/{epochs}", flush=True)
-        self.bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
+    def __init__(
+        self, mode: ProgressMode, every: int, epochs: int, steps: int, stream: Any = None
+    ) -> None:
+        stream = sys.stdout if stream is None else stream
+        if mode is ProgressMode.auto:
+            mode = ProgressMode.bar if stream.isatty() else ProgressMode.line
+        self.mode, self.every, self.epochs, self.steps = mode, every, epochs, steps
+        self.bar: Any = None
         self.last = 0.0
-        if start_step:
-            self.bar.update(start_step)
 
-    def update(self, step: int, trainer: Trainer, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last > 0.25:
-            loss, acc = trainer.train_metrics()
-            self.bar.update(step, values=[("loss", loss), ("accuracy", acc)], finalize=force)
-            self.last = now
+    def start_epoch(self, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        self.epoch = epoch
+        self.since = (time.monotonic(), global_step)
+        if self.mode is ProgressMode.bar:
+            print(f"Epoch {epoch + 1}/{self.epochs}", flush=True)
+            self.bar = keras.utils.Progbar(self.steps, stateful_metrics=["loss", "accuracy"])
+            if step_in_epoch:
+                self.bar.update(step_in_epoch)
+
+    def update(self, step_in_epoch: int, global_step: int, trainer: Trainer) -> None:
+        if self.mode is ProgressMode.bar:
+            now = time.monotonic()
+            if now - self.last > 0.25:
+                self._bar(step_in_epoch, trainer, final=False)
+                self.last = now
+        elif self.mode is ProgressMode.line and global_step % self.every == 0:
+            if step_in_epoch < self.steps:  # the epoch's summary line says the rest
+                log.info(self.line(step_in_epoch, global_step, *trainer.train_metrics()))
+
+    def end_epoch(self, step_in_epoch: int, trainer: Trainer) -> None:
+        if self.mode is ProgressMode.bar:
+            self._bar(step_in_epoch, trainer, final=True)
+
+    def _bar(self, step: int, trainer: Trainer, final: bool) -> None:
+        loss, acc = trainer.train_metrics()
+        self.bar.update(step, values=[("loss", loss), ("accuracy", acc)], finalize=final)
+
+    def line(self, step_in_epoch: int, global_step: int, loss: float, acc: float) -> str:
+        """`Epoch 2/21 step 150/422: loss 0.1234, accuracy 0.9612, 61.3 steps/s, ETA epoch
+        0:04, run 2:31` (the rate over this epoch's steps in this session)."""
+        started, first = self.since
+        rate = (global_step - first) / max(time.monotonic() - started, 1e-9)
+        left_epoch = self.steps - step_in_epoch
+        left_run = left_epoch + (self.epochs - self.epoch - 1) * self.steps
+        return (
+            f"Epoch {self.epoch + 1}/{self.epochs} step {step_in_epoch}/{self.steps}: "
+            f"loss {loss:.4f}, accuracy {acc:.4f}, {rate:.1f} steps/s, "
+            f"ETA epoch {_clock(left_epoch / rate)}, run {_clock(left_run / rate)}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    """H:MM:SS, or M:SS under an hour."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 # ---------------------------------------------------------------- the stage
@@ -522,9 +572,10 @@ class _Loop:
         if s.epoch >= cfg.epochs or s.stopped_early:
             log.info("Fit: already trained %d epochs; nothing to do", s.epoch)
             return
+        progress = Progress(cfg.progress, cfg.log_every_steps, cfg.epochs, t.steps_per_epoch)
         while s.epoch < cfg.epochs and not s.stopped_early:
             order = permutation(t.seed, s.epoch, t.n_train)
-            progress = Progress(s.epoch, cfg.epochs, t.steps_per_epoch, s.step_in_epoch)
+            progress.start_epoch(s.epoch, s.step_in_epoch, s.global_step)
             while s.step_in_epoch < t.steps_per_epoch:
                 start = s.step_in_epoch * cfg.batch_size
                 t.train_step(order[start : start + cfg.batch_size])
@@ -532,7 +583,7 @@ class _Loop:
                     self._log_first_step()
                 s.step_in_epoch += 1
                 s.global_step += 1
-                progress.update(s.step_in_epoch, t)
+                progress.update(s.step_in_epoch, s.global_step, t)
                 if s.global_step % cfg.log_every_steps == 0:
                     self._log_step()
                 last_in_epoch = s.step_in_epoch == t.steps_per_epoch
@@ -543,7 +594,7 @@ class _Loop:
                         self._save()
                         raise self._interrupted()
                     break
-            progress.update(s.step_in_epoch, t, force=True)
+            progress.end_epoch(s.step_in_epoch, t)
             self._end_epoch()
             if self.should_stop() and s.epoch < cfg.epochs:
                 raise self._interrupted()
