@@ -26,6 +26,7 @@ commands:
   status     list runs and their stages (status [run.name=NAME] [--json])
   predict    classify PNGs, .npy arrays or test images with a run's newest export (--help)
   report     write a run's report.html (report [run.name=NAME] [run.outputs=DIR])
+  tune       a resumable hyperparameter search with Optuna (the [tune] extra; tune --help)
 
 examples:
   python -m pipeline train
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         print(versions())
         sys.exit(0)
     command, rest = args[0], args[1:]
+    if command == "tune":
+        from pipeline.tune import main as tune_main
+
+        sys.exit(tune_main(rest))
     if command in ("status", "predict", "report"):
         sys.exit(read_command(command, rest))
     from pipeline.config import COMMANDS
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(
             f"unknown command {command!r}; use one of {', '.join(COMMANDS)}, status, predict, "
-            "report. "
+            "report, tune. "
             "Example: python -m pipeline train fit.epochs=3"
         )
     from pipeline.errors import PipelineError

@@ -1,6 +1,9 @@
 """`python -m pipeline status [run.name=NAME] [run.outputs=DIR] [--json]`: what every run is
 doing, read from the run directories alone (no TensorFlow, no Hydra run). Runs are listed best
-validation accuracy first, so a sweep reads as a leaderboard."""
+validation accuracy first, so a sweep reads as a leaderboard.
+
+`status --study NAME`: the trials of a search (`python -m pipeline tune`), best first, read from
+the summary the search keeps beside its study (<run.outputs>/.tune/NAME.json; no Optuna)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import rundir
+from pipeline import durable, rundir
 from pipeline.errors import ConfigError
 from pipeline.rundir import RunDir
 
@@ -69,6 +72,117 @@ def describe(run_dir: RunDir | Path) -> dict[str, Any]:
     }
 
 
+STUDY_DIR = ".tune"  # pipeline/tune.py keeps its studies there, in run.outputs
+
+
+def study_summaries(outputs: Path) -> dict[str, dict[str, Any]]:
+    """The summaries of the studies under `outputs` by name; a damaged one is skipped."""
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        paths = sorted((outputs / STUDY_DIR).glob("*.json"))
+    except OSError:  # a failing disk: the runs' own rows say so
+        return found
+    for path in paths:
+        try:
+            summary = durable.read_record(path)
+        except (OSError, durable.CorruptArtifact):
+            continue
+        if isinstance(summary, dict) and isinstance(summary.get("trials"), list):
+            found[path.stem] = summary
+    return found
+
+
+def mark_studies(rows: list[dict[str, Any]]) -> None:
+    """Set each row's `study` and `trial` (None for a run no search made)."""
+    owners: dict[str, tuple[str, int]] = {}
+    for outputs in sorted({Path(r["dir"]).parent for r in rows}):
+        for name, summary in study_summaries(outputs).items():
+            for trial in summary["trials"]:
+                if trial.get("run"):
+                    owners.setdefault(str(outputs / trial["run"]), (name, trial["number"]))
+    for r in rows:
+        r["study"], r["trial"] = owners.get(r["dir"], (None, None))
+
+
+def best_trials_first(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete trials by value, best first; then pruned ones by value, running, failed,
+    waiting; ties by trial number."""
+    rank = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "FAIL": 3, "WAITING": 4}
+
+    def key(t: dict[str, Any]) -> tuple[Any, ...]:
+        value = t.get("value")
+        best = -float(value) if isinstance(value, (int, float)) else float("inf")
+        return (rank.get(str(t.get("state")), 5), best, t["number"])
+
+    return sorted(trials, key=key)
+
+
+def study_table(summary: dict[str, Any]) -> str:
+    """A study's trials, best first."""
+    header = ("TRIAL", "STATE", "VALUE", "PARAMS", "RUN")
+    lines = [header]
+    for t in best_trials_first(summary["trials"]):
+        params = " ".join(f"{k}={v}" for k, v in t.get("params", {}).items())
+        state = t["state"] + (f" ({t['message']})" if t.get("message") else "")
+        value = t.get("value")
+        lines.append(
+            (
+                str(t["number"]),
+                state,
+                _fmt(value, True) if isinstance(value, (int, float)) else "-",
+                params or "-",
+                t.get("run") or "-",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def study_main(args: list[str], name: str) -> int:
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = [a for a in args if a != "--json" and not a.startswith("run.outputs=")]
+    if unknown:
+        print(
+            f"error: status --study takes run.outputs=DIR and --json, not {unknown[0]}",
+            file=sys.stderr,
+        )
+        return ConfigError.exit_code
+    outputs = Path(options.get("run.outputs", "outputs"))
+    summaries = study_summaries(outputs)
+    if name not in summaries:
+        known = ", ".join(summaries) or "none yet"
+        print(
+            f"error: no study {name!r} in {outputs / STUDY_DIR} (studies: {known})", file=sys.stderr
+        )
+        return ConfigError.exit_code
+    summary = {**summaries[name], "trials": best_trials_first(summaries[name]["trials"])}
+    if "--json" in args:
+        print(json.dumps(summary, indent=2))
+        return 0
+    done = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in summary["trials"])
+    print(
+        f"study {name}: {done} of {summary.get('trials_wanted', '?')} trials finished, "
+        f"objective: {summary.get('objective', '?')} (best first); storage {summary['storage']}"
+    )
+    print(study_table(summary))
+    return 0
+
+
+def take_study(args: list[str]) -> tuple[str | None, list[str]]:
+    """Split off `--study NAME` (or `--study=NAME`)."""
+    study, rest = None, []
+    items = iter(args)
+    for arg in items:
+        name, eq, value = arg.partition("=")
+        if name != "--study":
+            rest.append(arg)
+            continue
+        study = value if eq else next(items, "")
+    return study, rest
+
+
 def by_monitored_metric(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best validation accuracy first (the metric fit monitors for the best checkpoint); runs
     without one last, by name."""
@@ -96,8 +210,10 @@ def _age(seconds: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    studies = any(r.get("study") for r in rows)  # the column only when a search made a run
     header = (
         "RUN",
+        *(("STUDY",) if studies else ()),
         "STATE",
         "STAGES DONE",
         "EPOCH",
@@ -113,6 +229,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             (
                 r["name"],
+                *((f"{r['study']}#{r['trial']}" if r.get("study") else "-",) if studies else ()),
                 r["state"],
                 ",".join(r["stages_done"]) or "-",
                 _fmt(r["epoch"]),
@@ -133,12 +250,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 HELP = """\
 usage: python -m pipeline status [run.name=NAME] [run.outputs=DIR] [--json]
+       python -m pipeline status --study NAME [run.outputs=DIR] [--json]
 
 What every run under run.outputs (default: outputs) is doing, best validation accuracy first:
 state (running, interrupted, done, failed), stages done, epoch, step, accuracies, the age of
 the newest checkpoint, the run's own disk use, and the shared prepared data. With run.name,
 one run in detail (its resumes, disk use, last message). --json prints the same as records,
 for scripts. Reads run directories only: no TensorFlow, and a running run is never touched.
+Runs made by a search (python -m pipeline tune) show their study and trial number; --study
+NAME lists that study's trials best first.
 """
 
 
@@ -146,12 +266,19 @@ def main(args: list[str]) -> int:
     if "--help" in args or "-h" in args:
         print(HELP, end="")
         return 0
+    study, args = take_study(args)
+    if study is not None:
+        if not study:
+            print("error: --study needs a name: --study NAME", file=sys.stderr)
+            return ConfigError.exit_code
+        return study_main(args, study)
     try:
         run_dirs = rundir.select_runs("status", args, flags=("--json",))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     rows = by_monitored_metric([describe(d) for d in run_dirs])
+    mark_studies(rows)
     if "--json" in args:
         print(json.dumps(rows, indent=2))
     elif not rows:
