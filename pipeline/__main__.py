@@ -7,11 +7,12 @@ once, so a mistake costs a fraction of a second and prints one line (exit code 2
 
 from __future__ import annotations
 
-import itertools
+import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 USAGE = """usage: pipeline <command> [key=value ...] [--config-dir DIR] [hydra options]
        pipeline --version
@@ -40,6 +41,9 @@ options:
   --config-dir DIR, -cd DIR   also search DIR for configs: your own presets beside the
                               package's (e.g. DIR/experiment/NAME.yaml), conf/ left as it is
   --version                   the versions of pipeline, TensorFlow, Keras and Hydra
+  Hydra's options work after the command word, anywhere among the overrides:
+  -m (sweep: a,b  range()  choice()  glob()  tag()  sort()  shuffle()), -cn NAME, -cp DIR,
+  --cfg job|hydra|all [--resolve], --info [WHAT], -sc install=bash|zsh|fish, --hydra-help
 """
 STAGE_COMMANDS = ("fit", "evaluate", "export")
 
@@ -89,46 +93,104 @@ def take_config_dir(args: list[str]) -> tuple[str | None, list[str]]:
     return config_dir, rest
 
 
-def overrides_of(args: list[str]) -> list[str]:
-    return [a for a in args if "=" in a and not a.startswith("-")]
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
 
-def expand_sweeps(overrides: list[str]) -> list[list[str]]:
-    """Every combination a multirun would launch (so each one is validated up front)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def hydra_args(args: list[str]) -> argparse.Namespace:
+    """Parse the arguments after the command word with Hydra's own argument parser (options may
+    come before, between or after the overrides). A mistake is a ConfigError: one line."""
+    from hydra._internal.utils import get_args_parser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
-    for override in parsed:
-        if override.is_sweep_override():
-            key = override.get_key_element()
-            choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
-        else:
-            choices.append([str(override.input_line)])
-    return [list(combo) for combo in itertools.product(*choices)]
+    from pipeline.errors import ConfigError
+
+    parser = get_args_parser()
+
+    def error(message: str) -> NoReturn:
+        raise ConfigError(f"{message}. See: python -m pipeline train --hydra-help")
+
+    parser.error = error  # type: ignore[method-assign]
+    # `--info` takes an optional value: `--info model=mlp` means --info=all, then an override.
+    normalized = []
+    for index, arg in enumerate(args):
+        following = args[index + 1] if index + 1 < len(args) else None
+        if arg in ("--info", "-i") and following not in INFO_CHOICES:
+            arg = "--info=all"
+        normalized.append(arg)
+    ns = parser.parse_intermixed_args(normalized)
+    # Hydra's own rules (hydra/_internal/utils.py, _run_hydra), checked before anything starts.
+    if not (ns.help or ns.hydra_help):
+        modes = [
+            name
+            for name, on in (
+                ("--run", ns.run),
+                ("--multirun", ns.multirun),
+                ("--cfg", ns.cfg is not None),
+                ("--info", ns.info is not None),
+                ("--shell-completion", ns.shell_completion),
+            )
+            if on
+        ]
+        if len(modes) > 1:
+            raise ConfigError(f"{' and '.join(modes)} cannot be combined: use one of them")
+        if ns.resolve and ns.cfg is None:
+            raise ConfigError("--resolve only works with --cfg job|hydra|all (or --help)")
+    return ns
 
 
-def precheck(command: str, args: list[str], config_dir: str | None = None) -> Path | None:
-    """Compose and validate the config of every job this command line would run; return the
-    run directory of a single run. `config_dir`: the user's --config-dir."""
-    from pipeline.configcheck import compose_and_check
+def hydra_argv(ns: argparse.Namespace, config_dir: str | None, command: str) -> list[str]:
+    """The arguments for hydra.main: its options first (as its argparse wants them), then
+    `command=<word>` and the overrides."""
+    options = [
+        flag
+        for flag, on in (
+            ("--help", ns.help),
+            ("--hydra-help", ns.hydra_help),
+            ("--resolve", ns.resolve),
+            ("--run", ns.run),
+            ("--multirun", ns.multirun),
+            ("--shell-completion", ns.shell_completion),
+        )
+        if on
+    ]
+    for flag, value in (
+        ("--cfg", ns.cfg),
+        ("--package", ns.package),
+        ("--config-path", ns.config_path),
+        ("--config-name", ns.config_name),
+        ("--experimental-rerun", ns.experimental_rerun),
+        ("--info", ns.info),
+        ("--config-dir", config_dir),
+    ):
+        if value is not None:
+            options.append(f"{flag}={value}")
+    if ns.hydra_help:  # Hydra's help composes Hydra's config alone: no job keys in it
+        return [*options, *(o for o in ns.overrides if o.lstrip("+~").startswith("hydra"))]
+    return [*options, f"command={command}", *ns.overrides]
+
+
+def precheck(command: str, ns: argparse.Namespace, config_dir: str | None = None) -> Path | None:
+    """Compose and validate the config of every job this command line would run (a sweep key by
+    key: configcheck.check_sweep); return the run directory of a single run. `config_dir`: the
+    user's --config-dir; -cn/-cp (config_name, config_path) choose the primary config as for
+    Hydra. With --cfg only the config is checked: nothing is written, no run is needed."""
+    from pipeline.configcheck import check_sweep, compose_and_check
     from pipeline.rundir import RunDir, check_ours
 
-    overrides = overrides_of(args)
-    multirun = "-m" in args or "--multirun" in args
-    combos = expand_sweeps(overrides) if multirun else [overrides]
-    run_dir = None
-    for combo in combos[:256]:
-        run_dir = compose_and_check([f"command={command}", *combo], config_dir)
-        if command in STAGE_COMMANDS and not multirun and not RunDir(run_dir).run_record.exists():
-            fail(
-                f"no run at {run_dir}. Start it with: python -m pipeline train "
-                f"{' '.join(combo)}".rstrip()
-            )
-        if not multirun:
-            check_ours(run_dir)  # before Hydra writes .hydra/ and the log into it
-            check_writable(run_dir)
-    return None if multirun else run_dir
+    overrides = [f"command={command}", *ns.overrides]
+    if ns.multirun:
+        check_sweep(overrides, config_dir, ns.config_name, ns.config_path)
+        return None
+    run_dir = compose_and_check(overrides, config_dir, ns.config_name, ns.config_path)
+    if ns.cfg is not None:
+        return None
+    if command in STAGE_COMMANDS and not RunDir(run_dir).run_record.exists():
+        fail(
+            f"no run at {run_dir}. Start it with: python -m pipeline train "
+            f"{' '.join(ns.overrides)}".rstrip()
+        )
+    check_ours(run_dir)  # before Hydra writes .hydra/ and the log into it
+    check_writable(run_dir)
+    return run_dir
 
 
 def check_writable(run_dir: Path) -> None:
@@ -180,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     if args[0] == "--version":
         print(versions())
         sys.exit(0)
+    if args[0] in ("-sc", "--shell-completion"):
+        shell_completion(args)
+        return
     command, rest = args[0], args[1:]
     if command == "tune":
         from pipeline.tune import main as tune_main
@@ -198,11 +263,20 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.errors import PipelineError
 
     config_dir, rest = take_config_dir(rest)
-    help_only = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in rest)
     run_dir = None
     try:
-        if not help_only:
-            run_dir = precheck(command, rest, config_dir)
+        ns = hydra_args(rest)
+        # Help, --info, shell completion (`-sc install=bash`: its words are not overrides) and
+        # --experimental-rerun (the config comes from its pickle) go to Hydra unchecked.
+        hydra_only = (
+            ns.help
+            or ns.hydra_help
+            or ns.info is not None
+            or ns.shell_completion
+            or ns.experimental_rerun is not None
+        )
+        if not hydra_only:
+            run_dir = precheck(command, ns, config_dir)
     except PipelineError as exc:
         fail(str(exc), exc.exit_code)
     except OSError as exc:  # reading the run directory on a failing disk (found by --disk-faults)
@@ -210,24 +284,42 @@ def main(argv: list[str] | None = None) -> None:
 
         fail(str(disk_error(exc)), 1)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # Hydra's argparse wants its options before the overrides.
-    options = [a for a in rest if a not in overrides_of(rest)]
-    sys.argv = [
-        str(Path(sys.argv[0]).with_name("pipeline")),
-        *options,
-        *(["--config-dir", config_dir] if config_dir else []),
-        f"command={command}",
-        *overrides_of(rest),
-    ]
-    from hydra.errors import CompactHydraException
+    sys.argv = [program_name(), *hydra_argv(ns, config_dir, command)]
+    from pipeline import stages, tfstart
+
+    if not hydra_only and ns.cfg is None and stages.needs_tensorflow(command):
+        tfstart.start()  # here, before Hydra: its C++ start-up notes never reach the terminal
+    run_hydra(run_dir)
+
+
+def program_name() -> str:
+    """argv[0] for Hydra: the console script's name (shell completion installs itself for it)."""
+    return str(Path(sys.argv[0]).with_name("pipeline"))
+
+
+def shell_completion(args: list[str]) -> None:
+    """`pipeline -sc query=bash`, as the script `pipeline train -sc install=bash` printed runs
+    it: Hydra completes the overrides of the line, so the command word is taken out of it."""
+    from pipeline.config import COMMANDS
+
+    line = os.environ.get("COMP_LINE")
+    if line is not None:
+        words = line.split(" ")
+        if len(words) > 1 and words[1] in COMMANDS:
+            os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+    sys.argv = [program_name(), *args]
+    run_hydra(None)
+
+
+def run_hydra(run_dir: Path | None) -> None:
+    """Hydra's main on sys.argv; any error of Hydra's is one line and exit code 2."""
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
-    from pipeline import durable, stages, tfstart
-    from pipeline.cli import hydra_main
+    from pipeline import durable
+    from pipeline.cli import JobFailed, hydra_main
+    from pipeline.configcheck import explain
     from pipeline.durable import disk_error
-
-    if not help_only and stages.needs_tensorflow(command):
-        tfstart.start()  # here, before Hydra: its C++ start-up notes never reach the terminal
 
     # Hydra would print a traceback for an error in its own job setup (writing .hydra/ or
     # opening the log on a full or failing disk); with this it raises, and we print one line.
@@ -241,20 +333,24 @@ def main(argv: list[str] | None = None) -> None:
             "command again to resume.",
             130,
         )
-    except CompactHydraException as exc:  # one line, as Hydra prints it (e.g. a failed job)
+    except JobFailed as exc:  # one line, as Hydra prints it: a failed job of a multirun
         if full_error:
             raise
         print(exc, file=sys.stderr, flush=True)
         if isinstance(exc.__cause__, OmegaConfBaseException):
             print(exc.__cause__, file=sys.stderr, flush=True)
         sys.exit(1)
-    except (OSError, ValueError) as exc:
+    except (HydraException, OmegaConfBaseException, OSError, ValueError) as exc:
+        if full_error:
+            raise
         # Hydra's own job setup wraps a failing disk: opening pipeline.log on it is
         # "ValueError: Unable to configure handler 'file'" caused by the OSError.
-        cause = exc if isinstance(exc, OSError) else durable.os_error_in(exc)
-        if full_error or cause is None:
-            raise
-        fail(str(disk_error(cause, cause.filename or run_dir)), 1)
+        cause = None if isinstance(exc, MissingConfigException) else durable.os_error_in(exc)
+        if cause is None and isinstance(exc, OSError) and not isinstance(exc, HydraException):
+            cause = exc
+        if cause is not None:
+            fail(str(disk_error(cause, cause.filename or run_dir)), 1)
+        fail(explain(exc))  # a config or usage error Hydra found: exit code 2
 
 
 if __name__ == "__main__":
