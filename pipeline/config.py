@@ -118,11 +118,22 @@ class EvaluateConfig:
     checkpoint: str = "latest"  # latest | best | a step number (also for export)
 
 
+class TFLiteQuantize(Choice):
+    """What `model.tflite` holds (export.tflite_quantize); its interface is the same in every
+    case: uint8 image [N, 28, 28] in, float32 probabilities and int64 class_id out."""
+
+    none = "none"  # float32: the model's own numbers (checked to 1e-4)
+    dynamic = "dynamic"  # int8 weights, float activations (no calibration)
+    int8 = "int8"  # full integer: int8 weights and activations, calibrated on training images
+
+
 @dataclass
 class ExportConfig:
     model_name: str = "mnist"
     min_accuracy: float | None = None  # refuse to publish below this test accuracy
     tflite: bool = True
+    # A quantized model.tflite is checked by its own test accuracy against min_accuracy.
+    tflite_quantize: TFLiteQuantize = TFLiteQuantize.none
     h5: bool = True
 
 
@@ -329,6 +340,13 @@ def validate(cfg: Config) -> None:
         "export.min_accuracy",
         x.min_accuracy,
         "a number in [0, 1], or null for off",
+    )
+    _check(
+        e,
+        x.tflite or x.tflite_quantize == TFLiteQuantize.none,
+        "export.tflite_quantize",
+        str(x.tflite_quantize),
+        "none when export.tflite=false (a quantized model is a .tflite file)",
     )
     s = cfg.strategy
     _check(
