@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -190,6 +191,28 @@ def is_identity_key(key: str) -> bool:
 
 def is_hparam(key: str) -> bool:
     return is_identity_key(key) or _under(key, SHOWN_AS_HPARAMS)
+
+
+def hparam_values(
+    config: dict[str, Any], epochs: int, checkpoint: str
+) -> dict[str, bool | int | float | str]:
+    """TensorBoard HParams of a run: its config as created (run.json), with the values a
+    compatible change may have moved since (`fit.epochs`, which checkpoint is evaluated). None
+    becomes "null", lists their JSON form."""
+    flat = flatten(config)
+    flat["fit.epochs"] = epochs
+    flat["evaluate.checkpoint"] = checkpoint
+    values: dict[str, bool | int | float | str] = {}
+    for key, value in sorted(flat.items()):
+        if not is_hparam(key):
+            continue
+        if value is None:
+            values[key] = "null"
+        elif isinstance(value, (bool, int, float, str)):
+            values[key] = value
+        else:
+            values[key] = json.dumps(value)
+    return values
 
 
 def register_schema() -> None:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from pipeline import checkpoint, durable
-from pipeline.config import flatten, is_hparam
+from pipeline import checkpoint, durable, tblog
+from pipeline.config import flatten
+from pipeline.config import hparam_values as hparam_values_of
 from pipeline.data import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import evaluate_logits, restore_model
@@ -37,7 +38,7 @@ TAG_MISTAKES = "evaluate/worst_mistakes"
 TAG_ACCURACY = "evaluate/test_accuracy"
 TAG_LOSS = "evaluate/test_loss"
 EVALUATE_TAGS = frozenset({TAG_CONFUSION, TAG_MISTAKES, TAG_ACCURACY, TAG_LOSS})
-HPARAMS_TAGS = frozenset({"_hparams_/session_start_info", "_hparams_/session_end_info"})
+HPARAMS_TAGS = tblog.HPARAMS_TAGS
 
 
 # ---------------------------------------------------------------- the stage
@@ -148,26 +149,11 @@ def run_evaluate(
 
 
 def hparam_values(run: RunDir, which: str) -> dict[str, bool | int | float | str]:
-    """The run's hyperparameters, from run.json (its config as created) with the values a
-    compatible change may have moved since: fit.epochs (the fit record) and which checkpoint
-    is evaluated. None becomes "null", lists their string form."""
-    record = run.read_run_record()
-    flat = flatten(record.get("config", {}))
+    """The run's hyperparameters (config.hparam_values) with the epochs its fit reached."""
     fit = run.read_stage("fit", owner=True)  # called by the evaluate stage, which holds the lock
-    if fit and "epochs" in fit:
-        flat["fit.epochs"] = fit["epochs"]
-    flat["evaluate.checkpoint"] = which
-    values: dict[str, bool | int | float | str] = {}
-    for key, value in sorted(flat.items()):
-        if not is_hparam(key):
-            continue
-        if value is None:
-            values[key] = "null"
-        elif isinstance(value, (bool, int, float, str)):
-            values[key] = value
-        else:
-            values[key] = json.dumps(value)
-    return values
+    config = run.read_run_record().get("config", {})
+    epochs = fit["epochs"] if fit and "epochs" in fit else flatten(config).get("fit.epochs", 0)
+    return hparam_values_of(config, epochs, which)
 
 
 def model_graph_def(model: Any) -> bytes:
@@ -191,7 +177,7 @@ def record_evaluation(
     Idempotent: summaries an earlier evaluation wrote for the same step (and the run's
     previous hparams and graph, which TensorBoard would otherwise keep the first of) are
     dropped first, so evaluating again never duplicates them."""
-    from pipeline import tblog, visuals  # matplotlib: only when an evaluation is recorded
+    from pipeline import visuals  # matplotlib: only when an evaluation is recorded
 
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = visuals.softmax(logits).astype(np.float32)

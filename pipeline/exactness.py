@@ -30,7 +30,7 @@ WALL_CLOCK_LOOP_KEYS = frozenset({"train_seconds", "resumes", "time"})
 # Checkpoint meta fields written from the clock.
 WALL_CLOCK_META_KEYS = frozenset({"time"})
 # Scalars that measure speed or mark a resume: different by nature in an interrupted run.
-WALL_CLOCK_TAGS = frozenset({"epoch/steps_per_second", "resume/step"})
+WALL_CLOCK_TAGS = frozenset({"train/epoch_steps_per_second", "train/resume/step"})
 PREDICTION_IMAGES = 200
 
 
@@ -131,15 +131,11 @@ def _compare_checkpoints(reference: RunDir, run: RunDir, result: Comparison) -> 
 
 
 def scalars(run: RunDir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a run as TensorBoard's own loader reads it: tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Every scalar of a run as TensorBoard's own loader reads it: "<run>/<tag>" ->
+    [(step, value)] (tblog.scalars)."""
+    from pipeline import tblog
 
-    acc = EventAccumulator(str(run.tensorboard), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {
-        tag: [(event.step, event.value) for event in acc.Scalars(tag)]
-        for tag in acc.Tags()["scalars"]
-    }
+    return tblog.scalars(run.tensorboard)
 
 
 def repeated_scalar_steps(run: RunDir) -> list[tuple[str, int]]:
@@ -158,7 +154,7 @@ def repeated_scalar_steps(run: RunDir) -> list[tuple[str, int]]:
             event = Event.FromString(record)
             for value in event.summary.value:
                 if value.HasField("simple_value"):
-                    key = (value.tag, event.step)
+                    key = (tblog.scalar_key(run.tensorboard, path, value.tag), event.step)
                     seen[key] = seen.get(key, 0) + 1
     return sorted(key for key, count in seen.items() if count > 1)
 

@@ -31,11 +31,13 @@ from pipeline.config import (
     OptimizerName,
     ProgressMode,
     Schedule,
+    hparam_values,
 )
 from pipeline.data import Prepared
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.models import ModelConfig, Pixels, after_restore, build_model, inference_function
 from pipeline.rundir import RunDir
+from pipeline.tblog import TRAIN, VALIDATION
 
 if TYPE_CHECKING:
     from pipeline.stages import Context
@@ -430,6 +432,17 @@ def run(ctx: Context) -> dict[str, Any]:
     rundir.clear_stage(ctx.run, "evaluate")
     c = ctx.cfg
     started = time.monotonic()
+    # HParams from the start ("running"), so a sweep's table lists this run while it trains;
+    # evaluate completes it ("success"), a failure here ends it ("failure").
+    record = ctx.run.read_run_record()
+    values = hparam_values(record.get("config", {}), c.fit.epochs, str(c.evaluate.checkpoint))
+
+    def hparams(status: str) -> None:
+        tblog.write_hparams(
+            ctx.run.tensorboard, values, ctx.run.name, record.get("created"), status
+        )
+
+    hparams("running")
     ctx.stop.graceful = True
     try:
         summary = run_fit(
@@ -444,6 +457,11 @@ def run(ctx: Context) -> dict[str, Any]:
             ctx.stop,
             ctx.scale,
         )
+    except Interrupted:
+        raise  # resumable: still "running" in the table, as it will be again
+    except Exception:
+        hparams("failure")
+        raise
     finally:
         ctx.stop.graceful = False
     return {
@@ -506,10 +524,10 @@ def run_fit(
     dropped = tblog.truncate_after(tb_dir, state.global_step)
     if dropped:
         log.info("TensorBoard: dropped %d events written after the last checkpoint", dropped)
-    events = tblog.EventLog(tb_dir)
+    # Keras' layout (pipeline/tblog.py): train/ and validation/ share their epoch_* tags.
+    events = tblog.Runs(tb_dir, resumed_at=state.global_step + 1 if state.global_step else None)
     if state.global_step:
-        events.session_start(state.global_step + 1)
-        events.scalar("resume/step", state.global_step, state.global_step)
+        events.scalar(TRAIN, tblog.RESUME_TAG, state.global_step, state.global_step)
     loop = _Loop(trainer, state, fit_cfg, ckpt_cfg, data, ckpt_root, events, should_stop, run)
     try:
         loop.run()
@@ -535,7 +553,7 @@ class _Loop:
         ckpt_cfg: CheckpointConfig,
         data: Prepared,
         ckpt_root: Path,
-        events: tblog.EventLog,
+        events: tblog.Runs,
         should_stop: Callable[[], bool],
         run: RunDir,
     ) -> None:
@@ -626,9 +644,9 @@ class _Loop:
         self._check_finite()
         loss, acc = self.t.train_metrics()
         step = self.s.global_step
-        self.events.scalar("train/loss", loss, step)
-        self.events.scalar("train/accuracy", acc, step)
-        self.events.scalar("train/learning_rate", current_lr(self.t.optimizer), step)
+        self.events.scalar(TRAIN, "batch_loss", loss, step)
+        self.events.scalar(TRAIN, "batch_accuracy", acc, step)
+        self.events.scalar(TRAIN, "batch_learning_rate", current_lr(self.t.optimizer), step)
         self.events.flush()
 
     def _save(self) -> None:
@@ -659,20 +677,25 @@ class _Loop:
             "loss": train_loss,
             "accuracy": train_acc,
         }
-        self.events.scalar("epoch/train_loss", train_loss, s.global_step)
-        self.events.scalar("epoch/train_accuracy", train_acc, s.global_step)
+        # Keras' names, at the global step (the x axis of every curve, continuous on resume).
+        self.events.scalar(TRAIN, "epoch_loss", train_loss, s.global_step)
+        self.events.scalar(TRAIN, "epoch_accuracy", train_acc, s.global_step)
+        self.events.scalar(
+            TRAIN, "epoch_learning_rate", current_lr(self.t.optimizer), s.global_step
+        )
         started, first_step = self.epoch_clock
         if s.global_step > first_step:
             self.events.scalar(
-                "epoch/steps_per_second",
+                TRAIN,
+                "epoch_steps_per_second",
                 (s.global_step - first_step) / max(time.monotonic() - started, 1e-9),
                 s.global_step,
             )
         if len(self.data.arrays["y_val"]):
             val_loss, val_acc = t.evaluate(self.data.arrays["x_val"], self.data.arrays["y_val"])
             row.update(val_loss=val_loss, val_accuracy=val_acc)
-            self.events.scalar("epoch/val_loss", val_loss, s.global_step)
-            self.events.scalar("epoch/val_accuracy", val_acc, s.global_step)
+            self.events.scalar(VALIDATION, "epoch_loss", val_loss, s.global_step)
+            self.events.scalar(VALIDATION, "epoch_accuracy", val_acc, s.global_step)
             improved = s.best_value is None or val_acc > s.best_value
         else:
             val_acc, improved = train_acc, True  # no validation split: the newest is the best

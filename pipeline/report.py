@@ -37,6 +37,8 @@ from pipeline.rundir import RunDir
 
 # ================================================================ reading a run
 
+BATCH_LOSS, BATCH_ACCURACY = "train/batch_loss", "train/batch_accuracy"  # as tblog.scalars keys
+
 
 def tensorboard_sessions(
     tb_dir: Path,
@@ -52,8 +54,9 @@ def tensorboard_sessions(
         for event in tblog.events(path):
             for value in event.summary.value:
                 if value.WhichOneof("value") == "simple_value":
-                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-                    if value.tag == "train/loss":
+                    key = tblog.scalar_key(tb_dir, path, value.tag)
+                    scalars.setdefault(key, {})[event.step] = value.simple_value
+                    if key == BATCH_LOSS:
                         train.append((event.step, event.wall_time))
         if train:
             (first_step, first_time), (last_step, last_time) = train[0], train[-1]
@@ -201,10 +204,10 @@ def _curves(
     scalars: dict[str, list[tuple[int, float]]],
     resumes: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    if not history and not scalars.get("train/loss"):
+    if not history and not scalars.get(BATCH_LOSS):
         return {"figure": None, "history": []}
     step_scalars: dict[str, Sequence[tuple[int, float]]] = {
-        tag: scalars[tag] for tag in ("train/loss", "train/accuracy") if tag in scalars
+        key: scalars[key] for key in (BATCH_LOSS, BATCH_ACCURACY) if key in scalars
     }
     png = visuals.learning_curves_png(
         history, step_scalars, [r["step"] for r in resumes if r.get("step")]

@@ -1,4 +1,10 @@
-"""TensorBoard event files that stay correct across crashes and resumes.
+"""TensorBoard event files that stay correct across crashes and resumes, in Keras' layout.
+
+A run's `tensorboard/` holds the runs Keras' TensorBoard callback writes: `train/` and
+`validation/`, whose shared tags (`epoch_loss`, `epoch_accuracy`) TensorBoard draws in one
+chart, with `batch_*` tags under `train/`; the top directory holds the evaluation (test metrics,
+images, graph) and the HParams session, so `tensorboard --logdir outputs` lists every run of a
+sweep in the HParams table with its state (running from fit's start, then success or failure).
 
 Events are written with TensorBoard's own record format. `sync` flushes and fsyncs the file; fit
 calls it before committing a checkpoint, so every step a checkpoint covers is on disk. On resume
@@ -25,11 +31,36 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from pipeline import durable
 
 PREFIX = "events.out.tfevents."
-RESUME_TAG = "resume/step"  # the scalar fit writes at the step each session resumes from
+TRAIN, VALIDATION = "train", "validation"  # Keras' run names
+RESUME_TAG = "resume/step"  # the scalar fit writes (under train/) at the step a session resumes
+HPARAMS_TAGS = frozenset({"_hparams_/session_start_info", "_hparams_/session_end_info"})
 
 
 def event_files(logdir: Path) -> list[Path]:
-    return sorted(p for p in logdir.glob(PREFIX + "*") if durable.TMP_MARK not in p.name)
+    """Every event file under `logdir`, its runs' subdirectories included."""
+    return sorted(p for p in logdir.rglob(PREFIX + "*") if durable.TMP_MARK not in p.name)
+
+
+def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar under `logdir` as TensorBoard's own loader reads it, keyed "<run>/<tag>"
+    ("train/epoch_loss"; the top directory's tags as they are): [(step, value)]."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer(size_guidance={"scalars": 0})
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    found = {}
+    for run, tags in mux.Runs().items():
+        for tag in tags.get("scalars", []):
+            key = tag if run == "." else f"{run}/{tag}"
+            found[key] = [(event.step, event.value) for event in mux.Scalars(run, tag)]
+    return found
+
+
+def scalar_key(logdir: Path, path: Path, tag: str) -> str:
+    """The key `scalars` gives a tag of the event file `path`."""
+    run = path.parent.relative_to(logdir).as_posix()
+    return tag if run == "." else f"{run}/{tag}"
 
 
 def records(path: Path) -> list[bytes]:
@@ -107,6 +138,11 @@ def drop_events(logdir: Path, should_drop: Callable[[Event], bool]) -> int:
             continue
         dropped += len(old) - len(keep)
         durable.write_file(path, functools.partial(_write_records, records=keep))
+        if all(Event.FromString(r).WhichOneof("what") == "file_version" for r in keep):
+            # Nothing but its header left (fit's "running" HParams once evaluate replaced
+            # them): removed, after the rewrite, so a lost removal leaves only that header.
+            path.unlink()
+            durable.fsync_dir(path.parent)
     return dropped
 
 
@@ -174,20 +210,27 @@ class EventLog:
         group_name: str,
         start_time: float | None = None,
         step: int = 0,
+        status: str = "success",
     ) -> None:
-        """The HParams plugin's session start (these hyperparameter values) and end (success)
-        for this run, so `tensorboard --logdir outputs` lists a sweep in one table. Values:
-        bool, int, float or str. The metrics are this run's scalar tags."""
+        """The HParams plugin's session start (these hyperparameter values) and its state
+        ("running", "success" or "failure"; the plugin reads it from the session-end record,
+        which for "running" has no end time), so `tensorboard --logdir outputs` lists a sweep
+        in one table with each run's state. Values: bool, int, float or str. The metrics are
+        the scalar tags of this run's directories (train/, validation/, its own)."""
         from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
         from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 
         start = hparams_pb(values, trial_id=group_name, start_time_secs=start_time)
         self._write(Event(wall_time=time.time(), step=step, summary=start))
-        end = plugin_data_pb2.HParamsPluginData(
-            session_end_info=plugin_data_pb2.SessionEndInfo(
-                status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time()
-            )
-        )
+        codes = {
+            "running": api_pb2.STATUS_RUNNING,
+            "success": api_pb2.STATUS_SUCCESS,
+            "failure": api_pb2.STATUS_FAILURE,
+        }
+        end_info = plugin_data_pb2.SessionEndInfo(status=codes[status])
+        if status != "running":
+            end_info.end_time_secs = time.time()
+        end = plugin_data_pb2.HParamsPluginData(session_end_info=end_info)
         value = Summary.Value(
             tag=metadata.SESSION_END_INFO_TAG,
             tensor=metadata.NULL_TENSOR,
@@ -218,3 +261,53 @@ class EventLog:
             finally:
                 with durable.naming(self.path):
                     self._file.close()
+
+
+def write_hparams(
+    logdir: Path,
+    values: dict[str, Any],
+    group_name: str,
+    start_time: float | None,
+    status: str,
+) -> None:
+    """Replace the run's HParams session (an earlier one would be the one TensorBoard keeps)
+    with these values and `status`: "running", "success" or "failure"."""
+    drop_events(logdir, lambda e: any(v.tag in HPARAMS_TAGS for v in e.summary.value))
+    events = EventLog(logdir)
+    try:
+        events.hparams(values, group_name, start_time, status=status)
+    finally:
+        events.close()
+
+
+class Runs:
+    """One session's event files in Keras' layout: an EventLog per run directory (`train/`,
+    `validation/`), each created on its first event, starting with the session's start marker
+    when the session resumes."""
+
+    def __init__(self, logdir: Path, resumed_at: int | None = None) -> None:
+        self.logdir, self.resumed_at = logdir, resumed_at
+        self.logs: dict[str, EventLog] = {}
+
+    def __getitem__(self, run: str) -> EventLog:
+        if run not in self.logs:
+            log = EventLog(self.logdir / run)
+            if self.resumed_at is not None:
+                log.session_start(self.resumed_at)
+            self.logs[run] = log
+        return self.logs[run]
+
+    def scalar(self, run: str, tag: str, value: float, step: int) -> None:
+        self[run].scalar(tag, value, step)
+
+    def flush(self) -> None:
+        for log in self.logs.values():
+            log.flush()
+
+    def sync(self) -> None:
+        for log in self.logs.values():
+            log.sync()
+
+    def close(self) -> None:
+        for log in self.logs.values():
+            log.close()

@@ -218,14 +218,15 @@ def learning_curves_png(
 ) -> bytes:
     """Loss and accuracy against the global step: per-epoch train and validation values from
     the loop history (one row per epoch: step, loss, accuracy, val_loss, val_accuracy),
-    optionally the logged per-step training values (`train/loss`, `train/accuracy`), and a
+    optionally the logged per-step training values (`train/batch_loss`,
+    `train/batch_accuracy`, as `tblog.scalars` keys them), and a
     dashed line at each step a session resumed from."""
     step_scalars = step_scalars or {}
     fig = Figure(figsize=(10.8, 4.4), dpi=DPI, layout="constrained")
     fig.suptitle(title, fontsize=13)
     axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
-        logged = list(step_scalars.get(f"train/{key}", ()))
+        logged = list(step_scalars.get(f"train/batch_{key}", ()))
         if logged:
             ax.plot(
                 [s for s, _ in logged],

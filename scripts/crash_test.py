@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import checkpoint, durable, exactness, rundir
+from pipeline import checkpoint, durable, exactness, rundir, tblog
 from pipeline.rundir import RunDir
 
 DEFAULT_CONFIG = [
@@ -1058,15 +1058,14 @@ READERS = {"status": 5, "status --json": 5, "tensorboard": 5, "report": 3, "pred
 
 def reader_campaign(args: argparse.Namespace, config: list[str]) -> int:
     """`status`, `status --json`, `report`, `predict --test-index 0` and TensorBoard's
-    EventAccumulator, over and over while runs train, checkpoint, evaluate and export.
+    loader (train/, validation/, the evaluation), over and over while runs train, checkpoint,
+    evaluate and export.
 
     Every read must end with exit 0 or one documented refusal (e.g. "has no export" before
     the first export), never a traceback, and never show a half-written state: status --json
     parses, and its step and finished stages, and TensorBoard's newest step, never go back.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     rng = random.Random(args.seed)
     root = args.workdir / "readers"
     subprocess.run(["rm", "-rf", str(root)], check=True)
@@ -1092,11 +1091,10 @@ def reader_campaign(args: argparse.Namespace, config: list[str]) -> int:
                 if run_dir is None or not RunDir(run_dir).tensorboard.is_dir():
                     continue
                 try:
-                    acc = EventAccumulator(str(RunDir(run_dir).tensorboard))
-                    acc.Reload()
-                    steps = {t: [e.step for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+                    found = tblog.scalars(RunDir(run_dir).tensorboard)  # TensorBoard's loader
+                    steps = {t: [step for step, _ in v] for t, v in found.items()}
                 except Exception as exc:  # noqa: BLE001 - any failure of the loader is one
-                    problem = f"EventAccumulator failed: {type(exc).__name__}: {exc}"
+                    problem = f"TensorBoard's loader failed: {type(exc).__name__}: {exc}"
                 else:
                     dup = [t for t, v in steps.items() if len(v) != len(set(v))]
                     top = max((max(v) for v in steps.values() if v), default=0)

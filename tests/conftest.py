@@ -149,12 +149,10 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return only_run_dir(cwd / "outputs"), result.stdout
 
 
-def scalar_steps(run_dir: Path, tag: str) -> list[int]:
-    """Steps of a scalar as TensorBoard's own loader sees them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def scalar_steps(run_dir: Path, key: str) -> list[int]:
+    """Steps of a scalar as TensorBoard's own loader sees them; `key` "<run>/<tag>", e.g.
+    "train/batch_loss" (pipeline.tblog.scalars)."""
+    from pipeline import tblog
     from pipeline.rundir import RunDir
 
-    acc = EventAccumulator(str(RunDir(run_dir).tensorboard))
-    acc.Reload()
-    return [event.step for event in acc.Scalars(tag)]
+    return [step for step, _ in tblog.scalars(RunDir(run_dir).tensorboard).get(key, [])]

@@ -111,7 +111,7 @@ def test_figures_are_valid_pngs_of_the_stated_size() -> None:
             rng.dirichlet(np.ones(10), 5),
         ),
         visuals.mistakes_grid_png(np.zeros((0, 28, 28), np.uint8), [], np.zeros((0, 10))),
-        visuals.learning_curves_png(history, {"train/loss": [(2, 2.0), (4, 1.5)]}, [14]),
+        visuals.learning_curves_png(history, {"train/batch_loss": [(2, 2.0), (4, 1.5)]}, [14]),
         visuals.learning_curves_png([]),
     ]
     for png in figures:

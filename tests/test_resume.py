@@ -48,7 +48,7 @@ def test_train_runs_every_stage(reference_run: tuple[Path, str]) -> None:
     assert metrics["checkpoint_step"] == 30 and metrics["test_images"] == 200
     version = run_dir / "export" / "mnist" / "1"
     assert (version / "saved_model.pb").is_file() and (version / "model.keras").is_file()
-    assert scalar_steps(run_dir, "train/loss") == list(range(2, 31, 2))
+    assert scalar_steps(run_dir, "train/batch_loss") == list(range(2, 31, 2))
 
 
 def test_rerun_skips_finished_stages(tmp_path: Path, reference_run: tuple[Path, str]) -> None:
@@ -87,8 +87,10 @@ def test_kills_inside_checkpoint_writes_resume_bit_identical(
     resumed = [r["step"] for r in loop_of_newest(run_dir)["resumes"]]
     assert len(resumed) == 4 and resumed[-1] == killed_after, resumed
     assert_runs_identical(reference_run[0], run_dir)
-    assert scalar_steps(run_dir, "train/loss") == scalar_steps(reference_run[0], "train/loss")
-    assert scalar_steps(run_dir, "epoch/val_accuracy") == [10, 20, 30]
+    assert scalar_steps(run_dir, "train/batch_loss") == scalar_steps(
+        reference_run[0], "train/batch_loss"
+    )
+    assert scalar_steps(run_dir, "validation/epoch_accuracy") == [10, 20, 30]
     assert not list(run_dir.rglob("*.tmp-*"))
 
 
@@ -262,5 +264,5 @@ def test_two_sessions_resuming_from_the_same_step_mark_it_once(
     result = cli(["train", *SMALL], tmp_path)
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(tmp_path / "outputs")
-    assert scalar_steps(run_dir, "resume/step") == [6]
+    assert scalar_steps(run_dir, "train/resume/step") == [6]
     assert_runs_identical(reference_run[0], run_dir)

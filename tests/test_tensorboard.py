@@ -1,7 +1,8 @@
-"""What evaluate leaves for TensorBoard, read back with TensorBoard's own loaders: the confusion
-matrix and worst mistakes as images, the test metrics, the HParams plugin's session info (and
-the plugin's own backend turning runs into one comparison table), the model graph; and that
-evaluating again replaces rather than duplicates them."""
+"""What a run leaves for TensorBoard, read back with TensorBoard's own loaders: Keras' layout
+(train/ and validation/ runs sharing their epoch_* tags), the confusion matrix and worst
+mistakes as images, the test metrics, the HParams plugin's session info from fit's start (and
+the plugin's own backend turning runs into one comparison table, with each run's state), the
+model graph; and that evaluating again replaces rather than duplicates them."""
 
 from __future__ import annotations
 
@@ -76,6 +77,32 @@ def reference(reference_run: tuple[Path, str]) -> tuple[Path, dict, ea.EventAccu
 
 
 # ---------------------------------------------------------------- the reference run
+
+
+def test_keras_layout_train_and_validation_share_their_tags(reference: tuple) -> None:
+    """As Keras' TensorBoard callback writes them: train/ and validation/ runs with shared
+    epoch_* tags (one chart, two curves), batch_* tags under train/, learning rate and steps/s
+    by Keras' names; the values are the fit's own history."""
+    run_dir = reference[0]
+    found = tblog.scalars(run_dir / "tensorboard")
+    history = durable.read_record(run_dir / "stages" / "fit.json")["history"]
+    ends = [row["step"] for row in history]
+    for run, loss, accuracy in (
+        ("train", "loss", "accuracy"),
+        ("validation", "val_loss", "val_accuracy"),
+    ):
+        assert found[f"{run}/epoch_loss"] == [(r["step"], pytest.approx(r[loss])) for r in history]
+        assert found[f"{run}/epoch_accuracy"] == [
+            (r["step"], pytest.approx(r[accuracy])) for r in history
+        ]
+    assert [s for s, _ in found["train/epoch_learning_rate"]] == ends
+    assert [s for s, _ in found["train/epoch_steps_per_second"]] == ends
+    every = 2  # SMALL's fit.log_every_steps
+    for tag in ("batch_loss", "batch_accuracy", "batch_learning_rate"):
+        assert [s for s, _ in found[f"train/{tag}"]] == list(range(every, ends[-1] + 1, every))
+    # Nothing left in the old layout (tags with a slash at the top: epoch/..., train/loss).
+    top = {k for k in found if not k.startswith(("train/", "validation/"))}
+    assert top == {evaluate.TAG_ACCURACY, evaluate.TAG_LOSS}
 
 
 def test_evaluate_images_at_the_evaluated_step(reference: tuple) -> None:
@@ -165,8 +192,10 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(
     ).run()
     infos = {h.name: h for h in experiment.hparam_infos}
     assert infos["fit.batch_size"].differs and not infos["model.name"].differs
-    metrics = {m.name.tag for m in experiment.metric_infos}
-    assert {evaluate.TAG_ACCURACY, evaluate.TAG_LOSS} <= metrics
+    metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
+    assert {("", evaluate.TAG_ACCURACY), ("", evaluate.TAG_LOSS)} <= metrics
+    # Keras' layout: the same tag in the train and validation runs, one column each.
+    assert {("train", "epoch_accuracy"), ("validation", "epoch_accuracy")} <= metrics
     request = api_pb2.ListSessionGroupsRequest(
         start_index=0, slice_size=10, allowed_statuses=[api_pb2.STATUS_SUCCESS]
     )
@@ -209,8 +238,8 @@ def test_evaluating_again_replaces_instead_of_duplicating(
         assert len(tagged(after, tag)) == 1, tag
     assert sum(bool(e.graph_def) for e in after) == 1
     # Training events are untouched.
-    assert [e.step for e in tagged(after, "train/loss")] == [
-        e.step for e in tagged(before, "train/loss")
+    assert [e.step for e in tagged(after, "batch_loss")] == [
+        e.step for e in tagged(before, "batch_loss")
     ]
     acc = accumulator(run_dir / "tensorboard")
     assert hparams_dict(start_info(acc))["evaluate.checkpoint"] == "best"
@@ -285,3 +314,59 @@ def test_one_event_reader_reads_like_tensorboard_and_checks_crcs(
     damaged[offset] ^= 0x01
     torn.write_bytes(bytes(damaged))
     assert tblog.records(torn) == good[:1]
+
+
+def test_hparams_table_shows_running_and_failed_runs(
+    reference_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """HParams are written when fit starts, so a sweep's table lists a run that is still
+    training (here: killed mid-fit) as running, one whose fit failed (NaN) as failed, and a
+    finished one as a success; read with the HParams plugin's own backend."""
+    import signal
+
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context, list_session_groups
+
+    outputs = tmp_path / "outputs"
+    copy_run(reference_run[0], outputs, "done")
+    killed = cli(
+        ["train", *SMALL, "model=mlp", "run.name=killed"],
+        tmp_path,
+        env={"PIPELINE_FAILPOINT": "dir_after_rename@3"},
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    failed = cli(
+        ["train", *SMALL, "model=mlp", "optimizer.learning_rate=1e30", "run.name=failed"],
+        tmp_path,
+    )
+    assert failed.returncode == 1 and "NaN or infinite" in failed.stderr
+
+    mux = pem.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(outputs))
+    mux.Reload()
+    ctx = backend_context.Context(
+        base_plugin.TBContext(
+            data_provider=data_provider.MultiplexerDataProvider(mux, str(outputs)),
+            logdir=str(outputs),
+        )
+    )
+    request = api_pb2.ListSessionGroupsRequest(
+        start_index=0,
+        slice_size=10,
+        allowed_statuses=[
+            api_pb2.STATUS_UNKNOWN,
+            api_pb2.STATUS_RUNNING,
+            api_pb2.STATUS_SUCCESS,
+            api_pb2.STATUS_FAILURE,
+        ],
+    )
+    groups = list_session_groups.Handler(context.RequestContext(), ctx, "", request).run()
+    states = {g.name: [s.status for s in g.sessions] for g in groups.session_groups}
+    assert states == {
+        reference_run[0].name: [api_pb2.STATUS_SUCCESS],
+        "killed": [api_pb2.STATUS_RUNNING],
+        "failed": [api_pb2.STATUS_FAILURE],
+    }
