@@ -105,6 +105,9 @@ class FitConfig:
     early_stopping_patience: int = 0  # epochs without improvement; 0: off
     augment_shift: int = 0  # random shifts of training images by up to N pixels; 0: off
     progress: ProgressMode = ProgressMode.auto
+    # [first, last] global steps traced by TensorFlow's profiler into tensorboard/train/
+    # (TensorBoard's Profile tab: pip install 'pipeline[profile]'); None: off.
+    profile_steps: list[int] | None = None
 
 
 @dataclass
@@ -172,6 +175,7 @@ COMPATIBLE_KEYS = (
     "fit.epochs",
     "fit.log_every_steps",
     "fit.progress",
+    "fit.profile_steps",
     "fit.early_stopping_patience",
     "checkpoint",
     "evaluate",
@@ -324,6 +328,14 @@ def validate(cfg: Config) -> None:
         "fit.early_stopping_patience",
         f.early_stopping_patience,
         "an integer >= 0 (0 turns it off)",
+    )
+    steps = f.profile_steps
+    _check(
+        e,
+        steps is None or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+        "fit.profile_steps",
+        steps,
+        "[first, last] global steps with 1 <= first <= last, e.g. fit.profile_steps=[100,110]",
     )
     c = cfg.checkpoint
     _check(

@@ -392,6 +392,28 @@ class Progress:
         )
 
 
+class Profiler:
+    """`fit.profile_steps=[first, last]`: TensorFlow's profiler traces those global steps into
+    the train/ run's plugins/profile/ (where Keras' `profile_batch` puts them), read by
+    TensorBoard's Profile tab (the tensorboard-plugin-profile package). Tracing does not change
+    what is computed; a session that resumes inside the range traces the rest of it."""
+
+    def __init__(self, steps: list[int] | None, logdir: Path) -> None:
+        self.first, self.last = steps if steps else (0, -1)
+        self.logdir, self.on, self.started = logdir, False, 0
+
+    def before(self, step: int) -> None:
+        if not self.on and self.first <= step <= self.last:
+            tf.profiler.experimental.start(str(self.logdir))
+            self.on, self.started = True, step
+
+    def after(self, step: int) -> None:
+        if self.on and step >= self.last:
+            tf.profiler.experimental.stop()
+            self.on = False
+            log.info("Profile of steps %d-%d written to %s", self.started, step, self.logdir)
+
+
 def _clock(seconds: float) -> str:
     """H:MM:SS, or M:SS under an hour."""
     if not math.isfinite(seconds):
@@ -569,6 +591,7 @@ class _Loop:
         self.clock = time.monotonic()
         self.first_step_logged = False
         self.epoch_clock = (time.monotonic(), state.global_step)
+        self.profiler = Profiler(fit_cfg.profile_steps, run.tensorboard / TRAIN)
 
     def _log_first_step(self) -> None:
         if not self.first_step_logged:
@@ -596,7 +619,9 @@ class _Loop:
             progress.start_epoch(s.epoch, s.step_in_epoch, s.global_step)
             while s.step_in_epoch < t.steps_per_epoch:
                 start = s.step_in_epoch * cfg.batch_size
+                self.profiler.before(s.global_step + 1)
                 t.train_step(order[start : start + cfg.batch_size])
+                self.profiler.after(s.global_step + 1)
                 if not self.first_step_logged:
                     self._log_first_step()
                 s.step_in_epoch += 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, cli
+from conftest import SMALL, cli, only_run_dir
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
@@ -370,3 +370,20 @@ def test_hparams_table_shows_running_and_failed_runs(
         "killed": [api_pb2.STATUS_RUNNING],
         "failed": [api_pb2.STATUS_FAILURE],
     }
+
+
+def test_profile_steps_write_a_profiler_trace(tmp_path: Path) -> None:
+    """fit.profile_steps=[3,5]: TensorFlow's profiler traces those steps into the train/ run's
+    plugins/profile/ (TensorBoard's Profile tab reads it); without the option, no trace."""
+    args = ["train", *SMALL, "model=mlp", "fit.epochs=1"]
+    result = cli([*args, "fit.profile_steps=[3,5]"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Profile of steps 3-5 written to" in result.stdout
+    run_dir = only_run_dir(tmp_path / "outputs")
+    traces = list((run_dir / "tensorboard" / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    plain = cli([*args, "run.name=plain"], tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    assert not list((tmp_path / "outputs" / "plain").rglob("*.xplane.pb"))
+    bad = cli([*args, "fit.profile_steps=[5,3]", "run.name=bad"], tmp_path)
+    assert bad.returncode == 2 and "fit.profile_steps" in bad.stderr
