@@ -478,7 +478,10 @@ def run_export(
                 ]
             )
             tflite = score_tflite(files["tflite"], quantize, x_test, y_test, reference)
-            log.info(
+            # Said on the console only for a quantized model: a float one matches the model
+            # (its difference is in the "published" line), so the line would repeat facts.
+            log.log(
+                logging.DEBUG if quantize == TFLiteQuantize.none else logging.INFO,
                 "Export: model.tflite (quantize=%s) %d bytes, test accuracy %.4f, max "
                 "probability difference from the model %.1e",
                 quantize,
