@@ -12,23 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import TINY, cli
 
 from pipeline.status import by_monitored_metric
-
-# 240 training images, 5 steps an epoch: a sweep job is a few seconds after TensorFlow starts.
-TINY = [
-    "data=sample",
-    "data.train_size=300",
-    "data.val_fraction=0.2",
-    "data.test_size=100",
-    "fit.batch_size=50",
-    "fit.epochs=2",
-    "checkpoint.every_steps=2",
-    "fit.log_every_steps=2",
-    "export.tflite=false",
-    "export.h5=false",
-]
 
 
 def start_group(args: list[str], cwd: Path) -> subprocess.Popen:

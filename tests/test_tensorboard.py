@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,6 +68,24 @@ def raw(logdir: Path) -> list[Event]:
 
 def tagged(events: list[Event], tag: str) -> list[Event]:
     return [e for e in events if any(v.tag == tag for v in e.summary.value)]
+
+
+def hparams_backend(outputs: Path) -> Any:
+    """The HParams plugin's own backend over a directory of runs (as `tensorboard --logdir`)."""
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    mux = pem.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(outputs))
+    mux.Reload()
+    return backend_context.Context(
+        base_plugin.TBContext(
+            data_provider=data_provider.MultiplexerDataProvider(mux, str(outputs)),
+            logdir=str(outputs),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +181,7 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(
 ) -> None:
     """The HParams plugin's own backend, over an outputs/ directory of two runs."""
     from tensorboard import context
-    from tensorboard.backend.event_processing import data_provider
-    from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
-    from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import backend_context, get_experiment, list_session_groups
+    from tensorboard.plugins.hparams import get_experiment, list_session_groups
 
     outputs = tmp_path / "outputs"
     for name in ("first", "second"):
@@ -178,15 +194,7 @@ def test_hparams_plugin_lists_a_sweep_in_one_table(
     log.hparams({**values, "fit.batch_size": 100}, group_name="second")
     log.close()
 
-    mux = pem.EventMultiplexer()
-    mux.AddRunsFromDirectory(str(outputs))
-    mux.Reload()
-    ctx = backend_context.Context(
-        base_plugin.TBContext(
-            data_provider=data_provider.MultiplexerDataProvider(mux, str(outputs)),
-            logdir=str(outputs),
-        )
-    )
+    ctx = hparams_backend(outputs)
     experiment = get_experiment.Handler(
         context.RequestContext(), ctx, "", api_pb2.GetExperimentRequest()
     ).run()
@@ -325,10 +333,7 @@ def test_hparams_table_shows_running_and_failed_runs(
     import signal
 
     from tensorboard import context
-    from tensorboard.backend.event_processing import data_provider
-    from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
-    from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import backend_context, list_session_groups
+    from tensorboard.plugins.hparams import list_session_groups
 
     outputs = tmp_path / "outputs"
     copy_run(reference_run[0], outputs, "done")
@@ -344,15 +349,7 @@ def test_hparams_table_shows_running_and_failed_runs(
     )
     assert failed.returncode == 1 and "NaN or infinite" in failed.stderr
 
-    mux = pem.EventMultiplexer()
-    mux.AddRunsFromDirectory(str(outputs))
-    mux.Reload()
-    ctx = backend_context.Context(
-        base_plugin.TBContext(
-            data_provider=data_provider.MultiplexerDataProvider(mux, str(outputs)),
-            logdir=str(outputs),
-        )
-    )
+    ctx = hparams_backend(outputs)
     request = api_pb2.ListSessionGroupsRequest(
         start_index=0,
         slice_size=10,

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 from conftest import assert_same_state, final_state
 
@@ -20,21 +21,7 @@ from pipeline.errors import ConfigError
 
 optuna = pytest.importorskip("optuna")  # the [tune] extra, which [test] includes
 
-# 240 training images, 5 steps an epoch (as test_sweeps' TINY), the MLP: a trial is a few
-# seconds after TensorFlow starts.
-TINY = [
-    "data=sample",
-    "model=mlp",
-    "data.train_size=300",
-    "data.val_fraction=0.2",
-    "data.test_size=100",
-    "fit.batch_size=50",
-    "fit.epochs=2",
-    "checkpoint.every_steps=2",
-    "fit.log_every_steps=2",
-    "export.tflite=false",
-    "export.h5=false",
-]
+TINY = [*conftest.TINY, "model=mlp"]  # the MLP: a trial is a few seconds
 SPACE = [
     "optimizer.learning_rate=tag(log, interval(1e-3, 1e-1))",
     "model.dropout=interval(0, 0.5)",
