@@ -212,6 +212,17 @@ def check_writable(run_dir: Path) -> None:
         ) from exc
 
 
+def output_closed() -> NoReturn:
+    """Whoever read our output stopped (`pipeline status | head -3`): stop quietly with the
+    shell's code for it (128 + SIGPIPE), not with a disk error. Python ignores SIGPIPE, so the
+    write raised BrokenPipeError; stdout goes to /dev/null so the exit does not raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(141)
+
+
 def read_command(command: str, rest: list[str]) -> int:
     """`status`, `predict` and `report`: a failing disk under the run ends in one line."""
     from pipeline.durable import disk_error
@@ -228,6 +239,8 @@ def read_command(command: str, rest: list[str]) -> int:
         from pipeline.report import main as report_main
 
         return report_main(rest)
+    except BrokenPipeError:
+        output_closed()
     except OSError as exc:
         error = disk_error(exc)
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -340,6 +353,8 @@ def run_hydra(run_dir: Path | None) -> None:
         if isinstance(exc.__cause__, OmegaConfBaseException):
             print(exc.__cause__, file=sys.stderr, flush=True)
         sys.exit(1)
+    except BrokenPipeError:
+        output_closed()
     except (HydraException, OmegaConfBaseException, OSError, ValueError) as exc:
         if full_error:
             raise

@@ -241,3 +241,24 @@ def test_an_unknown_experiment_is_an_error_listing_the_experiments(tmp_path: Pat
     result = cli(["train", "--cfg", "job"], tmp_path)  # no experiment at all still works
     assert result.returncode == 0, result.stderr
     assert "command: train" in result.stdout
+
+
+def test_output_read_by_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """`pipeline train -sc install=bash | head -1`: the reader closes the pipe; the command stops
+    with 141 (128 + SIGPIPE) as shell tools do, not with a disk-error message."""
+    import subprocess
+    import sys
+
+    for args in (["train", "-sc", "install=bash"], ["status"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *args],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        proc.stdout.close()  # nobody reads: the first write fails with EPIPE
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 141, stderr
+        assert "error" not in stderr and "Traceback" not in stderr, stderr
