@@ -151,8 +151,13 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reference_run: tuple[
     assert "SIGTERM: finishing this step and saving a checkpoint" in stderr
     assert "Interrupted: checkpoint saved at step" in stderr
     run_dir = only_run_dir(tmp_path / "outputs")
+    saved = checkpoint.committed_steps(run_dir / "checkpoints")[-1]
+    assert f"Interrupted: checkpoint saved at step {saved} " in stderr
     assert json.loads(cli(["status", "--json"], tmp_path).stdout)[0]["state"] == "interrupted"
     assert cli(["train", *args], tmp_path).returncode == 0
+    # The rerun resumed from the step saved on the signal, and nowhere else.
+    latest = checkpoint.load_latest(run_dir / "checkpoints")
+    assert latest is not None and [r["step"] for r in latest.meta["loop"]["resumes"]] == [saved]
     assert_same_state(final_state(reference_run[0]), final_state(run_dir))
 
 
