@@ -280,8 +280,6 @@ def _check_sweep(config_name: str | None, overrides: list[str]) -> int:
         enumerable = by_key
         if params:
             base = _compose(config_name, [str(v[0].input_line) for v in enumerable.values()])
-    else:
-        enumerable = {k: v for k, v in by_key.items() if not v[0].is_sweep_override()}
     _check(base)
 
     repository = getattr(loader, "repository", None)

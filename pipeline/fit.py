@@ -341,13 +341,10 @@ class Progress:
     because the bar's carriage returns and colour codes turn a log file into one long line per
     epoch. `off` leaves the epoch summaries alone."""
 
-    def __init__(
-        self, mode: ProgressMode, every: int, epochs: int, steps: int, stream: Any = None
-    ) -> None:
-        stream = sys.stdout if stream is None else stream
+    def __init__(self, mode: ProgressMode, epochs: int, steps: int) -> None:
         if mode is ProgressMode.auto:
-            mode = ProgressMode.bar if stream.isatty() else ProgressMode.line
-        self.mode, self.every, self.epochs, self.steps = mode, every, epochs, steps
+            mode = ProgressMode.bar if sys.stdout.isatty() else ProgressMode.line
+        self.mode, self.epochs, self.steps = mode, epochs, steps
         self.bar: Any = None
         self.last = 0.0
 
@@ -360,15 +357,19 @@ class Progress:
             if step_in_epoch:
                 self.bar.update(step_in_epoch)
 
-    def update(self, step_in_epoch: int, global_step: int, trainer: Trainer) -> None:
+    def update(self, step_in_epoch: int, trainer: Trainer) -> None:
+        """After every step: the bar, a few times a second."""
         if self.mode is ProgressMode.bar:
             now = time.monotonic()
             if now - self.last > 0.25:
                 self._bar(step_in_epoch, trainer, final=False)
                 self.last = now
-        elif self.mode is ProgressMode.line and global_step % self.every == 0:
-            if step_in_epoch < self.steps:  # the epoch's summary line says the rest
-                log.info(self.line(step_in_epoch, global_step, *trainer.train_metrics()))
+
+    def logged(self, step_in_epoch: int, global_step: int, loss: float, acc: float) -> None:
+        """Every fit.log_every_steps steps, with the metrics just logged: the plain line."""
+        if self.mode is ProgressMode.line and step_in_epoch < self.steps:
+            # (the epoch's last step is said by its summary line)
+            log.info(self.line(step_in_epoch, global_step, loss, acc))
 
     def end_epoch(self, step_in_epoch: int, trainer: Trainer) -> None:
         if self.mode is ProgressMode.bar:
@@ -613,7 +614,7 @@ class _Loop:
         if s.epoch >= cfg.epochs or s.stopped_early:
             log.info("Fit: already trained %d epochs; nothing to do", s.epoch)
             return
-        progress = Progress(cfg.progress, cfg.log_every_steps, cfg.epochs, t.steps_per_epoch)
+        progress = Progress(cfg.progress, cfg.epochs, t.steps_per_epoch)
         while s.epoch < cfg.epochs and not s.stopped_early:
             order = permutation(t.seed, s.epoch, t.n_train)
             progress.start_epoch(s.epoch, s.step_in_epoch, s.global_step)
@@ -626,9 +627,9 @@ class _Loop:
                     self._log_first_step()
                 s.step_in_epoch += 1
                 s.global_step += 1
-                progress.update(s.step_in_epoch, s.global_step, t)
+                progress.update(s.step_in_epoch, t)
                 if s.global_step % cfg.log_every_steps == 0:
-                    self._log_step()
+                    progress.logged(s.step_in_epoch, s.global_step, *self._log_step())
                 last_in_epoch = s.step_in_epoch == t.steps_per_epoch
                 if not last_in_epoch and self._checkpoint_due():
                     self._save()
@@ -665,7 +666,8 @@ class _Loop:
                 "optimizer.learning_rate, or check the data, and rerun."
             )
 
-    def _log_step(self) -> None:
+    def _log_step(self) -> tuple[float, float]:
+        """The step's TensorBoard scalars; returns the running loss and accuracy."""
         self._check_finite()
         loss, acc = self.t.train_metrics()
         step = self.s.global_step
@@ -673,6 +675,7 @@ class _Loop:
         self.events.scalar(TRAIN, "batch_accuracy", acc, step)
         self.events.scalar(TRAIN, "batch_learning_rate", current_lr(self.t.optimizer), step)
         self.events.flush()
+        return loss, acc
 
     def _save(self) -> None:
         self._check_finite()

@@ -60,6 +60,7 @@ EXPORT = "export"
 LOG = "pipeline.log"
 HYDRA = ".hydra"  # written by Hydra, not by the pipeline
 CACHE = ".cache"  # beside the run directories, in run.outputs (see data_cache)
+STUDIES = ".tune"  # beside the run directories, in run.outputs (see studies)
 
 # What run.restart=true removes; Hydra's .hydra/ and the log stay, so history is not lost.
 ARTIFACTS = (
@@ -305,6 +306,12 @@ class RunDir:
         path = data / PREPARED
         with durable.naming(path), np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in names or npz.files}
+
+
+def studies(outputs: Path) -> Path:
+    """Where `python -m pipeline tune` keeps its studies (Optuna's SQLite file, the summary
+    status reads, the lock): `<outputs>/.tune/`. Hidden, so it is never a run."""
+    return outputs / STUDIES
 
 
 def data_cache(outputs: Path) -> Path:

@@ -72,14 +72,11 @@ def describe(run_dir: RunDir | Path) -> dict[str, Any]:
     }
 
 
-STUDY_DIR = ".tune"  # pipeline/tune.py keeps its studies there, in run.outputs
-
-
 def study_summaries(outputs: Path) -> dict[str, dict[str, Any]]:
     """The summaries of the studies under `outputs` by name; a damaged one is skipped."""
     found: dict[str, dict[str, Any]] = {}
     try:
-        paths = sorted((outputs / STUDY_DIR).glob("*.json"))
+        paths = sorted(rundir.studies(outputs).glob("*.json"))
     except OSError:  # a failing disk: the runs' own rows say so
         return found
     for path in paths:
@@ -154,7 +151,8 @@ def study_main(args: list[str], name: str) -> int:
     if name not in summaries:
         known = ", ".join(summaries) or "none yet"
         print(
-            f"error: no study {name!r} in {outputs / STUDY_DIR} (studies: {known})", file=sys.stderr
+            f"error: no study {name!r} in {rundir.studies(outputs)} (studies: {known})",
+            file=sys.stderr,
         )
         return ConfigError.exit_code
     summary = {**summaries[name], "trials": best_trials_first(summaries[name]["trials"])}

@@ -52,14 +52,16 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     found = {}
     for run, tags in mux.Runs().items():
         for tag in tags.get("scalars", []):
-            key = tag if run == "." else f"{run}/{tag}"
-            found[key] = [(event.step, event.value) for event in mux.Scalars(run, tag)]
+            found[_key(run, tag)] = [(e.step, e.value) for e in mux.Scalars(run, tag)]
     return found
 
 
 def scalar_key(logdir: Path, path: Path, tag: str) -> str:
     """The key `scalars` gives a tag of the event file `path`."""
-    run = path.parent.relative_to(logdir).as_posix()
+    return _key(path.parent.relative_to(logdir).as_posix(), tag)
+
+
+def _key(run: str, tag: str) -> str:
     return tag if run == "." else f"{run}/{tag}"
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import durable
+from pipeline import durable, rundir
 from pipeline.config import is_identity_key, override_key, safe_name, safe_name_rule
 from pipeline.errors import ConfigError, Interrupted, PipelineError, RunLocked
 from pipeline.rundir import RunDir
@@ -93,7 +93,6 @@ Example:
 DEFAULT_TRIALS = 20
 # Trials proposed at random (seeded) before TPE models the finished ones; Optuna's default.
 STARTUP_TRIALS = 10
-STUDY_DIR = ".tune"  # in run.outputs: hidden, so never taken for a run
 FORMAT = 1  # of the study's attributes and summary
 LOCK_WAIT_S = 60.0  # for the run of a trial a killed search left: its child dies with it
 
@@ -300,10 +299,6 @@ def default_study_name(opts: Options) -> str:
     return "tune-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def study_dir(outputs: Path) -> Path:
-    return outputs / STUDY_DIR
-
-
 # ---------------------------------------------------------------- proposals
 
 
@@ -429,7 +424,7 @@ class Search:
         import optuna
 
         self.opts, self.space, self.outputs, self.name = opts, space, outputs, name
-        self.dir = study_dir(outputs)
+        self.dir = rundir.studies(outputs)
         durable.make_dirs(self.dir)
         self.db = self.dir / f"{name}.db"
         self.summary_path = self.dir / f"{name}.json"
@@ -501,11 +496,10 @@ class Search:
 
     # -- trials
 
-    def run_of(self, params: dict[str, Any]) -> str:
+    def run_of(self, overrides: list[str]) -> str:
         """The run directory name of a trial: the one `train` with its overrides uses."""
         from pipeline.configcheck import compose_and_check
 
-        overrides = trial_overrides(self.opts.fixed, params, self.space)
         return compose_and_check(["command=train", *overrides], self.opts.config_dir).name
 
     def open_trial(self, number: int) -> optuna.Trial:
@@ -528,8 +522,9 @@ class Search:
         from optuna.trial import TrialState
 
         params = trial.params
+        overrides = trial_overrides(self.opts.fixed, params, self.space)
         try:
-            run_name = self.run_names.get(trial.number) or self.run_of(params)
+            run_name = self.run_names.get(trial.number) or self.run_of(overrides)
         except ConfigError as exc:  # a point of the space that validation refuses
             trial.set_user_attr("message", str(exc))
             self.tell(trial.number, TrialState.FAIL)
@@ -538,7 +533,7 @@ class Search:
         self.run_names[trial.number] = run_name
         trial.set_user_attr("run", run_name)
         config_dir = ["--config-dir", self.opts.config_dir] if self.opts.config_dir else []
-        words = [*config_dir, *trial_overrides(self.opts.fixed, params, self.space)]
+        words = [*config_dir, *overrides]
         trial.set_user_attr("command", "python -m pipeline train " + shlex.join(words))
         self.write_summary()
         run = RunDir(self.outputs / run_name)
@@ -551,9 +546,7 @@ class Search:
             self.tell(trial.number, TrialState.PRUNED)
             return
         self.wait_for_run_lock(run)
-        proc = self.child.start(
-            trial_overrides(self.opts.fixed, params, self.space), self.opts.config_dir
-        )
+        proc = self.child.start(overrides, self.opts.config_dir)
         assert proc.stderr is not None
         os.set_blocking(proc.stderr.fileno(), False)
         err = bytearray()
@@ -710,7 +703,7 @@ def main(args: list[str]) -> int:
         )
         outputs = Path(str(base.run.outputs))
         name = opts.study or default_study_name(opts)
-        with study_lock(study_dir(outputs) / f"{name}.lock"):
+        with study_lock(rundir.studies(outputs) / f"{name}.lock"):
             search = Search(opts, space, outputs, name)
             child = search.child
             with child.installed():
