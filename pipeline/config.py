@@ -104,6 +104,7 @@ class FitConfig:
     log_every_steps: int = 50
     early_stopping_patience: int = 0  # epochs without improvement; 0: off
     augment_shift: int = 0  # random shifts of training images by up to N pixels; 0: off
+    label_smoothing: float = 0.0  # training targets (1 - e) one-hot + e / classes; 0: off
     progress: ProgressMode = ProgressMode.auto
     # [first, last] global steps traced by TensorFlow's profiler into tensorboard/train/
     # (TensorBoard's Profile tab: pip install 'pipeline[profile]'); None: off.
@@ -311,6 +312,14 @@ def validate(cfg: Config) -> None:
     _check(e, 0.0 <= o.momentum < 1.0, "optimizer.momentum", o.momentum, "a number in [0, 1)")
     _check(e, o.cycle_epochs > 0, "optimizer.cycle_epochs", o.cycle_epochs, "a number > 0")
     _check(e, o.warmup_epochs >= 0, "optimizer.warmup_epochs", o.warmup_epochs, "a number >= 0")
+    if o.warmup_epochs and o.schedule == Schedule.restarts:
+        # Keras' CosineDecayRestarts has no warm-up, and a schedule of our own would make
+        # model.keras unloadable without this package: refused, not silently ignored.
+        e.append(
+            "optimizer.warmup_epochs applies to the constant, cosine and onecycle schedules, "
+            "not to optimizer.schedule=restarts: set optimizer.warmup_epochs=0 or choose "
+            "another schedule"
+        )
     f = cfg.fit
     _check(e, f.epochs >= 1, "fit.epochs", f.epochs, "an integer >= 1")
     _check(e, f.batch_size >= 1, "fit.batch_size", f.batch_size, "an integer >= 1")
@@ -321,6 +330,13 @@ def validate(cfg: Config) -> None:
         "fit.augment_shift",
         f.augment_shift,
         "an integer from 0 to 8 (pixels)",
+    )
+    _check(
+        e,
+        0.0 <= f.label_smoothing < 1.0,
+        "fit.label_smoothing",
+        f.label_smoothing,
+        "a number in [0, 1)",
     )
     _check(
         e,

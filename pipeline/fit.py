@@ -74,7 +74,13 @@ def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tenso
 
 
 def _constant(cfg: OptimizerConfig, steps_per_epoch: int, total: int, warmup: int) -> Any:
-    return cfg.learning_rate
+    if not warmup:
+        return cfg.learning_rate
+    # Keras' own cosine with alpha=1 is flat after its warm-up: a schedule that model.keras
+    # can carry and a process without this package can load.
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, max(total - warmup, 1), alpha=1.0, warmup_target=cfg.learning_rate, warmup_steps=warmup
+    )
 
 
 def _cosine(cfg: OptimizerConfig, steps_per_epoch: int, total: int, warmup: int) -> Any:
@@ -212,7 +218,14 @@ class Trainer:
         finite."""
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
-            losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            smoothing = self.fit_cfg.label_smoothing
+            if smoothing:
+                target = tf.one_hot(y, tf.shape(logits)[-1])
+                losses = keras.losses.categorical_crossentropy(
+                    target, logits, from_logits=True, label_smoothing=smoothing
+                )
+            else:  # its own branch: the default recipe's bits stay those of the sparse loss
+                losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             if global_batch is None:
                 # reduce_mean, not sum / n: other bits, and the default recipe's measured
                 # trajectory (README: Performance) is this one's.
