@@ -50,6 +50,12 @@ def parse_args() -> argparse.Namespace:
         default="epoch",
         help="score the test set at every epoch end (default), at the end, or never",
     )
+    parser.add_argument(
+        "--stop-at",
+        type=float,
+        help="with --test-eval epoch: stop after the first epoch whose test accuracy reaches "
+        "this (the training itself is unchanged; it only ends sooner)",
+    )
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
     return parser.parse_args()
 
@@ -93,9 +99,12 @@ class EpochTimer(keras.callbacks.Callback):
     """Per epoch: the wall time since `fit_start` minus the time spent scoring the test set,
     and (if `x_test` is given) the test accuracy."""
 
-    def __init__(self, x_test: np.ndarray | None, y_test: np.ndarray | None) -> None:
+    def __init__(
+        self, x_test: np.ndarray | None, y_test: np.ndarray | None, stop_at: float | None = None
+    ) -> None:
         super().__init__()
         self.x_test, self.y_test = x_test, y_test
+        self.stop_at = stop_at
         self.fit_start = 0.0  # set right before model.fit
         self.test_eval_seconds = 0.0
         self.rows: list[dict[str, float]] = []
@@ -106,6 +115,8 @@ class EpochTimer(keras.callbacks.Callback):
         if self.x_test is not None:
             row["test_accuracy"] = test_accuracy(self.model, self.x_test, self.y_test)
             self.test_eval_seconds += time.perf_counter() - now
+            if self.stop_at is not None and row["test_accuracy"] >= self.stop_at:
+                self.model.stop_training = True
         self.rows.append(row)
 
 
@@ -119,7 +130,9 @@ def main() -> None:
     model = build_model()
     model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
     score_each_epoch = args.test_eval == "epoch"
-    timer = EpochTimer(x_test if score_each_epoch else None, y_test if score_each_epoch else None)
+    timer = EpochTimer(
+        x_test if score_each_epoch else None, y_test if score_each_epoch else None, args.stop_at
+    )
     timer.fit_start = time.perf_counter()
     model.fit(
         x_train,
