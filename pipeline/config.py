@@ -113,7 +113,7 @@ class FitConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500  # 0: off
+    every_steps: int = 150  # 0: off
     every_seconds: float = 0.0  # 0: off
     keep: int = 3
 
