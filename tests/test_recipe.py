@@ -60,6 +60,6 @@ def test_fast_preset_is_one_epoch_of_one_cycle() -> None:
     compose_and_check(["experiment=fast"])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=fast"])
-    assert (cfg.fit.epochs, cfg.fit.augment_shift) == (1, 0)
+    assert (cfg.fit.epochs, cfg.fit.augment_shift, cfg.data.val_fraction) == (1, 0, 0.0)
     assert (cfg.optimizer.schedule, cfg.optimizer.learning_rate) == ("onecycle", 0.01)
     assert cfg.model.name == "cnn"
