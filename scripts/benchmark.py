@@ -112,8 +112,8 @@ QUICK = Settings(
     overhead_train_size=12000,
     input_rounds=2,
     input_block_steps=25,
-    kills=5,
-    kill_window=8.0,
+    kills=3,
+    kill_window=6.0,
 )
 FULL = Settings(
     training_pairs=3,
