@@ -63,4 +63,4 @@ def test_fast_preset_is_one_epoch_of_one_cycle() -> None:
     assert (cfg.fit.epochs, cfg.fit.augment_shift, cfg.data.val_fraction) == (1, 0, 0.0)
     assert (cfg.optimizer.schedule, cfg.optimizer.learning_rate) == ("onecycle", 0.01)
     assert cfg.model.name == "cnn" and not cfg.model.batch_norm and cfg.model.dropout == 0.0
-    assert cfg.fit.label_smoothing == 0.1
+    assert (cfg.fit.label_smoothing, cfg.fit.batch_size) == (0.1, 120)
