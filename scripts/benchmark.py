@@ -62,7 +62,6 @@ REFERENCE = ROOT / "scripts" / "reference_convnet.py"
 SELF = Path(__file__).resolve()
 PYTHON = sys.executable
 ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
-CHECKPOINT_INTERVALS = 4  # figure 3: checkpoint intervals in one timed block
 TARGET_ACCURACY = 0.99
 HIGH_ACCURACY = 0.995  # figure 9
 FINAL_ACCURACY_GOAL = 0.9965  # figure 2
@@ -91,6 +90,7 @@ class Settings:
     train_epochs: int | None  # the default train runs; None: the config's default
     reference_epochs: int
     reference_stop_at: float | None  # end the reference at the first epoch reaching this
+    fast_long: bool  # figure 9's longer recipe (4 epochs) runs too
     resume_pairs: int  # figure 4
     config_error_pairs: int  # figure 5
     overhead_pairs: int  # figure 6
@@ -98,6 +98,7 @@ class Settings:
     overhead_train_size: int | None
     input_rounds: int  # figure 7: rounds of 4 blocks (A B B A)
     input_block_steps: int
+    checkpoint_intervals: int  # figure 3: checkpoint intervals in one timed block
     kills: int  # figure 10
     kill_window: float  # figure 10: a kill lands this many seconds after the first step, at most
 
@@ -107,6 +108,7 @@ QUICK = Settings(
     train_epochs=2,
     reference_epochs=12,
     reference_stop_at=TARGET_ACCURACY,
+    fast_long=False,
     resume_pairs=1,
     config_error_pairs=3,
     overhead_pairs=1,
@@ -114,6 +116,7 @@ QUICK = Settings(
     overhead_train_size=12000,
     input_rounds=2,
     input_block_steps=25,
+    checkpoint_intervals=1,
     kills=3,
     kill_window=6.0,
 )
@@ -122,6 +125,7 @@ FULL = Settings(
     train_epochs=None,
     reference_epochs=15,
     reference_stop_at=None,
+    fast_long=True,
     resume_pairs=5,
     config_error_pairs=5,
     overhead_pairs=3,
@@ -129,6 +133,7 @@ FULL = Settings(
     overhead_train_size=None,
     input_rounds=5,
     input_block_steps=60,
+    checkpoint_intervals=4,
     kills=20,
     kill_window=12.0,
 )
@@ -355,11 +360,12 @@ def measure_training(data: DataChoice, settings: Settings, work: Path) -> list[d
         "pipeline": pipeline_train_side(data, settings.train_epochs, [], score_epochs=True),
         # The presets' own epochs, in quick mode too: they are the time-to figures' recipes.
         "fast": pipeline_train_side(data, None, ["experiment=fast"], score_epochs=True),
-        "fast_long": pipeline_train_side(data, None, FAST_LONG, score_epochs=True),
         "reference": reference_side(
             data, settings.reference_epochs, stop_at=settings.reference_stop_at
         ),
     }
+    if settings.fast_long:
+        sides["fast_long"] = pipeline_train_side(data, None, FAST_LONG, score_epochs=True)
     return run_pairs("training", sides, settings.training_pairs, work)
 
 
@@ -681,6 +687,8 @@ def measure_input_pipeline(data: DataChoice, settings: Settings, work: Path) -> 
         str(settings.input_rounds),
         "--block-steps",
         str(settings.input_block_steps),
+        "--intervals",
+        str(settings.checkpoint_intervals),
         *[f"--override={o}" for o in data.pipeline_overrides()],
     ]
     finished = run(cmd, where / "worker.log")
@@ -819,7 +827,9 @@ def score_checkpoints_worker(run_dir: Path) -> None:
     print(json.dumps({"epochs": rows}), flush=True)
 
 
-def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -> None:
+def input_pipeline_worker(
+    overrides: list[str], rounds: int, block_steps: int, intervals: int
+) -> None:
     """Steps/s of Trainer.train_step on the real shuffled order vs one constant batch, in
     rounds of four blocks (shuffled, constant, constant, shuffled), after a warm-up."""
     import itertools
@@ -875,7 +885,7 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
                 "block_steps": block_steps,
                 "rounds": results,
                 **checkpoint_blocks(
-                    trainer, sources["shuffled"], cfg.checkpoint.every_steps, rounds
+                    trainer, sources["shuffled"], cfg.checkpoint.every_steps, rounds, intervals
                 ),
             }
         ),
@@ -884,13 +894,13 @@ def input_pipeline_worker(overrides: list[str], rounds: int, block_steps: int) -
 
 
 def checkpoint_blocks(
-    trainer: Any, batches: Iterator[Any], every_steps: int, rounds: int
+    trainer: Any, batches: Iterator[Any], every_steps: int, rounds: int, intervals: int
 ) -> dict[str, Any]:
-    """Figure 3: blocks of CHECKPOINT_INTERVALS intervals of `every_steps` training steps, with
-    and without one durable checkpoint at the end of each interval (A B B A per round), in this
-    process. A block spans several intervals because one interval (a few seconds) is shorter
-    than the swings of a shared machine's step rate: one-interval blocks gave 0.88-1.13 for a
-    cost of 0.3-0.5%."""
+    """Figure 3: blocks of `intervals` intervals of `every_steps` training steps, with and
+    without one durable checkpoint at the end of each interval (A B B A per round), in this
+    process. The full mode's block spans four intervals because one interval (a few seconds) is
+    shorter than the swings of a shared machine's step rate: one-interval blocks gave
+    0.88-1.13 for a cost of 0.3-0.5%."""
     import time as clock
 
     from pipeline import checkpoint
@@ -902,7 +912,7 @@ def checkpoint_blocks(
     def block(with_checkpoint: bool) -> tuple[float, float]:
         nonlocal saved
         start, saving = clock.perf_counter(), 0.0
-        for _ in range(CHECKPOINT_INTERVALS):
+        for _ in range(intervals):
             for _ in range(every_steps):
                 trainer.train_step(next(batches))
             if with_checkpoint:
@@ -913,7 +923,7 @@ def checkpoint_blocks(
                 checkpoint.retain(root, 3, None)
                 saving += clock.perf_counter() - save_start
         trainer.seen.numpy()
-        return clock.perf_counter() - start, saving / CHECKPOINT_INTERVALS
+        return clock.perf_counter() - start, saving / intervals
 
     results = []
     for _ in range(rounds):
@@ -934,7 +944,7 @@ def checkpoint_blocks(
     state_mb = sum(a.nbytes for a in trainer.state_arrays().values()) / 1e6
     return {
         "every_steps": every_steps,
-        "intervals": CHECKPOINT_INTERVALS,
+        "intervals": intervals,
         "state_mb": state_mb,
         "checkpoint_rounds": results,
     }
@@ -1101,6 +1111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--block-steps", type=int, default=25, help=argparse.SUPPRESS)
+    parser.add_argument("--intervals", type=int, default=1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -1126,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         score_checkpoints_worker(Path(args.score_checkpoints))
         return 0
     if args.input_pipeline_worker:
-        input_pipeline_worker(args.override, args.rounds, args.block_steps)
+        input_pipeline_worker(args.override, args.rounds, args.block_steps, args.intervals)
         return 0
 
     settings = settings_for(args)
