@@ -236,7 +236,8 @@ def test_a_hydra_error_is_one_line_and_exit_code_2(
 def test_an_unknown_experiment_is_an_error_listing_the_experiments(tmp_path: Path) -> None:
     line = one_error_line(cli(["train", "experiment=tutorail", "--cfg", "job"], tmp_path))
     assert line == (
-        "error: experiment=tutorail is not a config option; available: fast, keras_convnet, tutorial"
+        "error: experiment=tutorail is not a config option; available: fast, "
+        "keras_convnet, tutorial"
     )
     result = cli(["train", "--cfg", "job"], tmp_path)  # no experiment at all still works
     assert result.returncode == 0, result.stderr
