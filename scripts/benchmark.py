@@ -424,7 +424,7 @@ def time_to(
 
 def figure_time_to_99(pairs: list[dict[str, Any]]) -> Figure:
     ratios, notes, missed = time_to(pairs, ["fast"], TARGET_ACCURACY)
-    default, default_notes, _ = time_to(pairs, ["pipeline"], TARGET_ACCURACY)
+    default, _, _ = time_to(pairs, ["pipeline"], TARGET_ACCURACY)
     if default:
         notes.append(
             f"the default recipe's time-to-99% / the reference's: {statistics.median(default):.3f}"
