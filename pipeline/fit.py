@@ -35,7 +35,14 @@ from pipeline.config import (
 )
 from pipeline.data import Prepared
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.models import ModelConfig, Pixels, after_restore, build_model, inference_function
+from pipeline.models import (
+    ModelConfig,
+    Pixels,
+    after_restore,
+    build_model,
+    fuse_batch_norm,
+    inference_function,
+)
 from pipeline.rundir import RunDir
 from pipeline.tblog import TRAIN, VALIDATION
 
@@ -179,6 +186,8 @@ class Trainer:
         self.n_train = int(self.y_train.shape[0])
         self.steps_per_epoch = math.ceil(self.n_train / fit_cfg.batch_size)
         self.model = build_model(model_cfg, pixels)
+        if fit_cfg.fused_batch_norm:
+            fuse_batch_norm(self.model)
         self.optimizer = make_optimizer(opt_cfg, self.steps_per_epoch, fit_cfg.epochs)
         # Built now, so restored optimizer state lands in real variables (Keras would
         # otherwise skip it and leave `iterations` at 0).

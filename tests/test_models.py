@@ -96,3 +96,55 @@ def test_check_model_names_the_problem() -> None:
         check_model(keras.Model(image, wrong), "mine")
     with pytest.raises(ConfigError, match="mine returned int, not a keras.Model"):
         check_model(3, "mine")
+
+
+def _bn_in_training(fused: bool, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One BatchNormalization layer (non-trivial gamma, beta and moving statistics) called in
+    training mode on `x`: its output and its variables afterwards."""
+    inputs = keras.Input(shape=x.shape[1:])
+    model = keras.Model(inputs, keras.layers.BatchNormalization(momentum=0.9, name="bn")(inputs))
+    rng = np.random.default_rng(1)
+    channels = x.shape[-1]
+    model.get_layer("bn").set_weights(
+        [
+            rng.uniform(0.5, 2, channels),
+            rng.normal(size=channels),
+            rng.normal(size=channels),
+            rng.uniform(0.5, 2, channels),
+        ]
+    )
+    if fused:
+        assert models.fuse_batch_norm(model) == 1
+    out = np.asarray(model(x, training=True))
+    return out, [np.asarray(v) for v in model.get_layer("bn").weights]
+
+
+def test_fused_batch_norm_trains_like_keras() -> None:
+    # A batch of 2 with 2x2 pixels: 8 values per channel, so the kernel's unbiased variance
+    # (x 8/7) would show in the moving variance if it were averaged in as it comes.
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(2, 2, 2, 3)).astype("float32")
+    keras_out, keras_vars = _bn_in_training(False, x)
+    fused_out, fused_vars = _bn_in_training(True, x)
+    np.testing.assert_allclose(fused_out, keras_out, rtol=1e-5, atol=1e-5)
+    for fused_var, keras_var in zip(fused_vars, keras_vars, strict=True):
+        np.testing.assert_allclose(fused_var, keras_var, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_batch_norm_is_for_training_only(images: np.ndarray) -> None:
+    cfg = config_class("cnn")(filters=[4, 8], batch_norm=True)
+    keras.utils.set_random_seed(0)
+    plain = build_model(cfg)
+    keras.utils.set_random_seed(0)
+    fused = build_model(cfg)
+    assert models.fuse_batch_norm(fused) == 2
+    # Inference is Keras' own code, bit for bit ...
+    np.testing.assert_array_equal(np.asarray(fused(images)), np.asarray(plain(images)))
+    # ... the variables are the same set (a checkpoint holds the same arrays) ...
+    paths = [fit.canonical_path(v) for v in plain.variables]
+    assert [fit.canonical_path(v) for v in fused.variables] == paths
+    # ... and the kernel only replaces Keras' layer where it computes the same thing.
+    x = np.ones((2, 4, 4, 3), "float32")
+    inputs = keras.Input(shape=(4, 4, 3))
+    axis1 = keras.Model(inputs, keras.layers.BatchNormalization(axis=1)(inputs))
+    assert models.fuse_batch_norm(axis1) == 0
+    np.asarray(axis1(x, training=True))
