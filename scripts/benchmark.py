@@ -29,9 +29,12 @@ and whether the median meets it. Raw measurements go to --out (JSON).
                     moment the newest surviving checkpoint was taken (or the session's first
                     step) to the kill. One default `train`, killed and resumed again and again;
                     the worst kill is the figure (seconds, not a ratio: the issue's goal).
+11 default wall     whole-command wall time of the default `train` / of the default as it was
+                    before issue 14 (PREVIOUS_DEFAULT: Keras' unfused BatchNorm, 21 epochs).
 
-Figures 1, 2, 8 and 9 share their runs: each pair is a default pipeline train, the two
-experiment=fast trains and a reference run; figures 3 and 7 share one in-process worker.
+Figures 1, 2, 8, 9 and 11 share their runs: each pair is a default pipeline train, the two
+experiment=fast trains, the previous default and a reference run; figures 3 and 7 share one
+in-process worker.
 Without --data, both sides use their normal sources (the pipeline's: Keras' cache or download;
 the reference: keras.datasets.mnist).
 """
@@ -61,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "scripts" / "reference_convnet.py"
 SELF = Path(__file__).resolve()
 PYTHON = sys.executable
-ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 TARGET_ACCURACY = 0.99
 HIGH_ACCURACY = 0.995  # figure 9
 FINAL_ACCURACY_GOAL = 0.9965  # figure 2
@@ -86,7 +89,7 @@ class BenchmarkError(Exception):
 class Settings:
     """How much each figure measures. --quick and the full mode differ only here."""
 
-    training_pairs: int  # figures 1, 2, 8, 9
+    training_pairs: int  # figures 1, 2, 8, 9, 11
     train_epochs: int | None  # the default train runs; None: the config's default
     reference_epochs: int
     reference_stop_at: float | None  # end the reference at the first epoch reaching this
@@ -275,7 +278,7 @@ def brief(values: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in values.items())
 
 
-# ---------------------------------------------------------------- figures 1, 2, 8: training
+# ---------------------------------------------------------------- figures 1, 2, 8, 9, 11: training
 
 
 def pipeline_train_side(
@@ -366,6 +369,11 @@ def measure_training(data: DataChoice, settings: Settings, work: Path) -> list[d
     }
     if settings.fast_long:
         sides["fast_long"] = pipeline_train_side(data, None, FAST_LONG, score_epochs=True)
+    # Quick mode trains both for its few epochs (figure 11 then compares the cost of an epoch).
+    previous = PREVIOUS_DEFAULT if settings.train_epochs is None else PREVIOUS_DEFAULT[1:]
+    sides["previous_default"] = pipeline_train_side(
+        data, settings.train_epochs, previous, score_epochs=False
+    )
     return run_pairs("training", sides, settings.training_pairs, work)
 
 
@@ -390,6 +398,9 @@ def describe_reach(
 # 128, on the edge of 99.5% (99.47-99.51% with the preset's 120, 99.49% at seed 1).
 FAST_LONG = ["experiment=fast", "fit.epochs=4", "fit.augment_shift=1", "fit.batch_size=128"]
 RECIPES = {"fast": "experiment=fast", "fast_long": " ".join(FAST_LONG), "pipeline": "default"}
+# Figure 11: the default recipe as it was before issue 14 (README: Performance), whose wall time
+# the new default must not exceed; its epochs first (quick mode drops them).
+PREVIOUS_DEFAULT = ["fit.epochs=21", "fit.fused_batch_norm=false"]
 
 
 def time_to(
@@ -475,6 +486,26 @@ def figure_final_accuracy(
         FINAL_ACCURACY_GOAL,
         unit="accuracy",
         notes=notes,
+    )
+
+
+def figure_default_wall(pairs: list[dict[str, Any]], settings: Settings) -> Figure:
+    ratios = [p["pipeline"]["wall_seconds"] / p["previous_default"]["wall_seconds"] for p in pairs]
+    previous = " ".join(PREVIOUS_DEFAULT)
+    notes = [
+        "whole `train` commands; previous default: "
+        + (previous if settings.train_epochs is None else f"{previous}, for the quick mode's")
+        + " epochs"
+    ]
+    for index, pair in enumerate(pairs):
+        notes.append(
+            f"pair {index + 1}: default {pair['pipeline']['wall_seconds']:.0f} s "
+            f"({pair['pipeline']['test_accuracy']:.2%}), previous default "
+            f"{pair['previous_default']['wall_seconds']:.0f} s "
+            f"({pair['previous_default']['test_accuracy']:.2%})"
+        )
+    return Figure(
+        11, "default wall / previous default's", ratios, len(pairs), "<=", 1.0, notes=notes
     )
 
 
@@ -1027,7 +1058,7 @@ def table(figures: list[Figure]) -> str:
 
 
 GROUPS = {  # measurement group -> the figures made from it
-    "training": (1, 2, 8, 9),
+    "training": (1, 2, 8, 9, 11),
     "resume": (4,),
     "config_error": (5,),
     "overhead": (6,),
@@ -1045,6 +1076,7 @@ TITLES = {
     8: "peak memory",
     9: "time-to-99.5%",
     10: "lost work after a kill",
+    11: "default wall time",
 }
 
 
@@ -1059,6 +1091,7 @@ def measure_group(
             figure_final_accuracy(pairs, settings, data),
             figure_peak_memory(pairs),
             figure_time_to_99_5(pairs),
+            figure_default_wall(pairs, settings),
         ]
     if group == "resume":
         pairs = run_pairs("resume", resume_sides(data), settings.resume_pairs, work)
@@ -1097,7 +1130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--figures",
         default=",".join(map(str, ALL_FIGURES)),
-        help="comma-separated figure numbers (1, 2, 8, 9 share their runs; so do 3, 7)",
+        help="comma-separated figure numbers (1, 2, 8, 9, 11 share their runs; so do 3, 7)",
     )
     parser.add_argument("--train-size", type=int, help="first N training images (both sides)")
     parser.add_argument("--test-size", type=int, help="first N test images (both sides)")

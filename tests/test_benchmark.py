@@ -111,6 +111,19 @@ def test_time_to_99_5_takes_the_quicker_recipe_against_the_reference_to_99() -> 
     assert bench.figure_time_to_99_5([pair]).values == [15 / 40]
 
 
+def test_default_wall_is_against_the_previous_default() -> None:
+    pair = {
+        "pipeline": {"wall_seconds": 180.0, "test_accuracy": 0.9965},
+        "previous_default": {"wall_seconds": 240.0, "test_accuracy": 0.9945},
+    }
+    figure = bench.figure_default_wall([pair], bench.FULL)
+    assert figure.values == [0.75] and figure.met() == "yes"
+    assert "fit.fused_batch_norm=false" in figure.notes[0]
+    assert "default 180 s (99.65%), previous default 240 s (99.45%)" in figure.notes[1]
+    pair["pipeline"]["wall_seconds"] = 250.0
+    assert bench.figure_default_wall([pair], bench.FULL).met() == "no"
+
+
 def test_lost_work_is_judged_on_the_worst_kill() -> None:
     kills = [{"lost_seconds": s, "redone_steps": 10} for s in (0.5, 1.0, 4.0)]
     settings = bench.FULL
@@ -176,12 +189,12 @@ def test_every_figure_on_tiny_data(tmp_path: Path) -> None:
         "--test-size",
         "200",
         "--figures",  # 10 (lost work) has its own test below: a tiny run ends before a kill
-        "1,2,3,4,5,6,7,8,9",
+        "1,2,3,4,5,6,7,8,9,11",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert not report["errors"]
     assert report["data"]["path"] == str(data)  # every side ran on the full MNIST file
-    assert [f["number"] for f in report["figures"]] == list(range(1, 10))
+    assert [f["number"] for f in report["figures"]] == [*range(1, 10), 11]
     for figure in report["figures"]:
         assert figure["pairs"] == 1, figure
         assert figure["met"] in ("yes", "no", "unknown"), figure
@@ -190,6 +203,8 @@ def test_every_figure_on_tiny_data(tmp_path: Path) -> None:
     assert training["pipeline"]["epochs"][-1]["test_accuracy"] == pytest.approx(
         training["pipeline"]["test_accuracy"]
     )
+    # Figure 11's previous default trained the quick mode's 2 epochs too (its cost per epoch).
+    assert len(training["previous_default"]["history"]) == 2
 
 
 @pytest.mark.slow
