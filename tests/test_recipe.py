@@ -61,6 +61,7 @@ def test_fast_preset_is_one_epoch_of_one_cycle() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=fast"])
     assert (cfg.fit.epochs, cfg.fit.augment_shift, cfg.data.val_fraction) == (1, 0, 0.0)
-    assert (cfg.optimizer.schedule, cfg.optimizer.learning_rate) == ("onecycle", 0.01)
+    assert (cfg.optimizer.schedule, cfg.optimizer.learning_rate) == ("onecycle", 0.015)
     assert cfg.model.name == "cnn" and not cfg.model.batch_norm and cfg.model.dropout == 0.0
+    assert list(cfg.model.filters) == [12, 24, 48]
     assert (cfg.fit.label_smoothing, cfg.fit.batch_size) == (0.1, 120)
