@@ -116,7 +116,7 @@ class FitConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 200  # 0: off
+    every_steps: int = 150  # 0: off
     every_seconds: float = 0.0  # 0: off
     keep: int = 3
 

@@ -14,7 +14,7 @@ and whether the median meets it. Raw measurements go to --out (JSON).
                     keeps every checkpoint; each epoch-end one is scored offline afterwards, and
                     the epoch's `train_seconds` comes from the newest checkpoint's loop history.
  2 final accuracy   test accuracy (metrics.json) of the default `python -m pipeline train`.
- 3 checkpoint cost  blocks of 8 x checkpoint.every_steps steps with a durable checkpoint after
+ 3 checkpoint cost  blocks of 4 x checkpoint.every_steps steps with a durable checkpoint after
                     each every_steps / the same blocks without, alternated in one process.
  4 resume latency   launch -> first training step (pipeline.log), resumed run / fresh run whose
                     data stage ran untimed beforehand (both find their data prepared).
@@ -137,7 +137,7 @@ FULL = Settings(
     overhead_train_size=None,
     input_rounds=5,
     input_block_steps=60,
-    checkpoint_intervals=8,
+    checkpoint_intervals=4,
     kills=20,
     kill_window=12.0,
 )
@@ -937,9 +937,9 @@ def checkpoint_blocks(
 ) -> dict[str, Any]:
     """Figure 3: blocks of `intervals` intervals of `every_steps` training steps, with and
     without one durable checkpoint at the end of each interval (A B B A per round), in this
-    process. The full mode's block spans eight intervals because one interval (a few seconds)
-    is shorter than the swings of a shared machine's step rate: one-interval blocks gave
-    0.88-1.13 for a cost of 0.3-0.5%, four-interval blocks 1.009-1.035 over two rounds."""
+    process. The full mode's block spans four intervals because one interval (a few seconds) is
+    shorter than the swings of a shared machine's step rate: one-interval blocks gave
+    0.88-1.13 for a cost of 0.3-0.5%."""
     import time as clock
 
     from pipeline import checkpoint
