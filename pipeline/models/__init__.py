@@ -209,9 +209,13 @@ def fuse_batch_norm(model: keras.Model) -> int:
 
 
 def _fusable(layer: Any) -> bool:
+    # input_spec, not layer.input: it is set by build() whether or not the layer sits in a
+    # functional graph (a layer of a nested or shared sub-model has no single input).
+    spec = layer.input_spec
     return (
-        layer.axis in (-1, 3)
-        and len(layer.input.shape) == 4
+        spec is not None
+        and spec.ndim == 4
+        and layer.axis in (-1, 3)
         and layer.center
         and layer.scale
         and not layer.renorm
