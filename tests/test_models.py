@@ -148,3 +148,26 @@ def test_fused_batch_norm_is_for_training_only(images: np.ndarray) -> None:
     axis1 = keras.Model(inputs, keras.layers.BatchNormalization(axis=1)(inputs))
     assert models.fuse_batch_norm(axis1) == 0
     np.asarray(axis1(x, training=True))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fit_trains_with_the_fused_kernel_unless_told_not_to(tmp_path: Path, fused: bool) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import to_config
+    from pipeline.configcheck import CONF_DIR
+    from pipeline.data import prepare_run_data
+
+    overrides = ["data=sample", "data.train_size=200", f"fit.fused_batch_norm={fused}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = to_config(compose("config", overrides=overrides))
+    prepared = prepare_run_data(cfg.data, tmp_path)
+    trainer = fit.Trainer(
+        cfg.model, cfg.optimizer, cfg.fit, cfg.seed, prepared, prepared.pixels(cfg.data.normalize)
+    )
+    kinds = {
+        type(layer).__name__
+        for layer in trainer.model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert kinds == {"FusedTrainingBatchNormalization" if fused else "BatchNormalization"}
