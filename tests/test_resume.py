@@ -137,10 +137,13 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(
 
 
 def test_second_process_on_the_same_run_is_refused(tmp_path: Path) -> None:
-    proc = start(["train", *SMALL], tmp_path)
+    # Long enough that the first process is still training when it is killed: SMALL's 3 epochs
+    # can end before the second process and `status` have run.
+    args = [*SMALL, "fit.epochs=100000"]
+    proc = start(["train", *args], tmp_path)
     try:
         wait_for(lambda: any((tmp_path / "outputs").glob("*/run.json")))
-        result = cli(["train", *SMALL], tmp_path)
+        result = cli(["train", *args], tmp_path)
         assert result.returncode == 3
         assert "is in use by pid " + str(proc.pid) in result.stderr
         assert "Traceback" not in result.stderr
