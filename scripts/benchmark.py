@@ -940,7 +940,7 @@ def checkpoint_blocks(
     Both kinds wait for the interval's last step before the clock reads: fit does so at every
     checkpoint anyway, because it reads its metrics every `fit.log_every_steps` steps and that
     divides the default interval. Alternating single intervals (a few seconds each) keeps a
-    drifting step rate from landing on one side; blocks of four intervals, alternated, gave
+    drifting step rate from landing on one side; blocks of four or eight intervals gave
     1.009-1.053 for a save that costs 0.4% of an interval."""
     import time as clock
 
