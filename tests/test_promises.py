@@ -266,6 +266,25 @@ def test_second_ctrl_c_quits_at_once(tmp_path: Path, reference_run: tuple[Path, 
     assert not list(run_dir.rglob("*.tmp-*"))
 
 
+def test_an_interruption_inside_a_keras_call_keeps_its_one_line() -> None:
+    # The second Ctrl-C raises from the signal handler wherever the main thread is; once it
+    # landed in the learning-rate schedule's cond and the user read Keras' rebuilt message
+    # ("Exception encountered when calling Cond.call()", bold codes, the call's arguments).
+    import keras
+    import tensorflow as tf
+
+    from pipeline.errors import Interrupted
+
+    message = "Interrupted by SIGINT; every committed file is intact."
+
+    def interrupted() -> Any:
+        raise Interrupted(message)
+
+    with pytest.raises(Interrupted) as caught:
+        keras.ops.cond(tf.constant(True), interrupted, lambda: tf.constant(0))
+    assert str(caught.value) == message
+
+
 # ---------------------------------------------------------------- 5. resume/step in TensorBoard
 
 
