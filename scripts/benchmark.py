@@ -14,8 +14,8 @@ and whether the median meets it. Raw measurements go to --out (JSON).
                     keeps every checkpoint; each epoch-end one is scored offline afterwards, and
                     the epoch's `train_seconds` comes from the newest checkpoint's loop history.
  2 final accuracy   test accuracy (metrics.json) of the default `python -m pipeline train`.
- 3 checkpoint cost  blocks of 4 x checkpoint.every_steps steps with a durable checkpoint after
-                    each every_steps / the same blocks without, alternated in one process.
+ 3 checkpoint cost  checkpoint.every_steps steps ending in a durable checkpoint / the same
+                    steps without, single intervals alternated A B B A in one process.
  4 resume latency   launch -> first training step (pipeline.log), resumed run / fresh run whose
                     data stage ran untimed beforehand (both find their data prepared).
  5 config error     `train fit.epochs=abc` (exit 2) / `python -c "import tensorflow"`, wall.
