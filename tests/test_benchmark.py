@@ -124,6 +124,26 @@ def test_default_wall_is_against_the_previous_default() -> None:
     assert bench.figure_default_wall([pair], bench.FULL).met() == "no"
 
 
+def test_benchmark_previous_default_is_the_recipe_before_issue_14() -> None:
+    # Figure 11 compares the default's wall time with this one; it must not follow the default.
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.configcheck import CONF_DIR, compose_and_check
+
+    overrides = [*bench.PREVIOUS_DEFAULT, f"fit.epochs={bench.PREVIOUS_DEFAULT_EPOCHS}"]
+    compose_and_check(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    assert (list(cfg.model.filters), cfg.model.convs_per_block) == ([16, 32, 64], 1)
+    assert (cfg.model.dropout, cfg.model.batch_norm, cfg.fit.fused_batch_norm) == (
+        0.25,
+        True,
+        False,
+    )
+    assert (cfg.optimizer.schedule, cfg.optimizer.cycle_epochs) == ("restarts", 3)
+    assert (cfg.fit.epochs, cfg.fit.label_smoothing, cfg.checkpoint.every_steps) == (21, 0.0, 500)
+
+
 def test_lost_work_is_judged_on_the_worst_kill() -> None:
     kills = [{"lost_seconds": s, "redone_steps": 10} for s in (0.5, 1.0, 4.0)]
     settings = bench.FULL
