@@ -53,6 +53,7 @@ def test_resume_latency_reads_the_session_record(tmp_path: Path) -> None:
     outputs = tmp_path / "outputs"
     args = ["data=sample", "data.train_size=300", "data.test_size=100", "model=mlp"]
     args += ["checkpoint.every_steps=2", "export.tflite=false", f"run.outputs={outputs}"]
+    args += ["optimizer=adam_restarts"]  # restarts: a raised fit.epochs continues the run
     fresh = bench.launch_to_first_step(bench.pipeline_cmd("train", args), outputs, tmp_path / "a")
     assert 0 < fresh["seconds"] < 600
     (run_dir,) = run_dirs_under(outputs)

@@ -84,14 +84,14 @@ def test_sweep_grammars_expand_as_hydra_expands_them() -> None:
             [
                 "command=train",
                 "model=glob(*,exclude=[custom,*_schema])",  # cnn, lenet, mlp
-                "optimizer=glob(adam*)",
+                "optimizer=glob(adam*)",  # adam, adam_cosine, adam_restarts
                 "seed=shuffle(1,2,3)",
                 "fit.epochs=sort(3,1,2)",
                 "data.train_size=tag(small,choice(100,200))",
                 "fit.batch_size=range(16,65,16)",  # 16, 32, 48, 64
             ]
         )
-        == 3 * 2 * 3 * 3 * 2 * 4
+        == 3 * 3 * 3 * 3 * 2 * 4
     )
 
 

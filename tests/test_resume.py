@@ -157,7 +157,8 @@ def test_second_process_on_the_same_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_incompatible_change_is_refused_and_restart_starts_over(tmp_path: Path) -> None:
-    base = [*SMALL, "run.name=mine", "fit.epochs=1", "model=mlp"]
+    # Restarts: a raised fit.epochs continues the run (the default's cosine is stretched over it).
+    base = [*SMALL, "run.name=mine", "fit.epochs=1", "model=mlp", "optimizer=adam_restarts"]
     assert cli(["fit", *base], tmp_path).returncode == 2  # no run yet: fit needs one
     assert cli(["train", *base], tmp_path).returncode == 0
     result = cli(["train", *base, "model.dropout=0.5"], tmp_path)
@@ -188,6 +189,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     # Adam's first step at lr 1e30 is computed on sane weights (finite loss, checkpointed at
     # step 1); from step 2 on the loss is not finite. The step-1 checkpoint must be what is kept.
     args = [*SMALL, "model=mlp", "optimizer.learning_rate=1e30", "checkpoint.every_steps=1"]
+    args += ["optimizer.warmup_epochs=0"]  # the default's warm-up starts at a learning rate of 0
     result = cli(["train", *args], tmp_path)
     assert result.returncode == 1
     assert "The training loss became NaN or infinite at step 2;" in result.stderr
