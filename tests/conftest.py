@@ -45,6 +45,17 @@ TINY = [
 ]
 
 
+def composed(overrides: list[str]) -> Any:
+    """The config Hydra composes for `overrides`, after the entry point's own checks pass."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.configcheck import CONF_DIR, compose_and_check
+
+    compose_and_check(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def load_faultfs() -> Any:
     """scripts/faultfs.py (a script, not part of the package) as the module `faultfs`."""
     if "faultfs" not in sys.modules:

@@ -127,14 +127,9 @@ def test_default_wall_is_against_the_previous_default() -> None:
 
 def test_benchmark_previous_default_is_the_recipe_before_issue_14() -> None:
     # Figure 11 compares the default's wall time with this one; it must not follow the default.
-    from hydra import compose, initialize_config_dir
+    from conftest import composed
 
-    from pipeline.configcheck import CONF_DIR, compose_and_check
-
-    overrides = [*bench.PREVIOUS_DEFAULT, f"fit.epochs={bench.PREVIOUS_DEFAULT_EPOCHS}"]
-    compose_and_check(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = composed([*bench.PREVIOUS_DEFAULT, f"fit.epochs={bench.PREVIOUS_DEFAULT_EPOCHS}"])
     assert (list(cfg.model.filters), cfg.model.convs_per_block) == ([16, 32, 64], 1)
     assert (cfg.model.dropout, cfg.model.batch_norm, cfg.fit.fused_batch_norm) == (
         0.25,

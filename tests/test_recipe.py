@@ -4,10 +4,9 @@ label smoothing, and the experiment=fast preset."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import TINY, cli, final_state, only_run_dir
+from conftest import TINY, cli, composed, final_state, only_run_dir
 
 from pipeline import durable
 from pipeline.configcheck import compose_and_check
@@ -57,13 +56,7 @@ def test_label_smoothing_is_checked_and_changes_training(tmp_path: Path) -> None
 
 
 def test_fast_preset_is_one_epoch_of_one_cycle() -> None:
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.configcheck import CONF_DIR
-
-    compose_and_check(["experiment=fast"])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=fast"])
+    cfg = composed(["experiment=fast"])
     assert (cfg.fit.epochs, cfg.fit.augment_shift, cfg.data.val_fraction) == (1, 0, 0.0)
     assert (cfg.optimizer.schedule, cfg.optimizer.learning_rate) == ("onecycle", 0.015)
     assert cfg.model.name == "cnn" and not cfg.model.batch_norm and cfg.model.dropout == 0.0
@@ -71,20 +64,10 @@ def test_fast_preset_is_one_epoch_of_one_cycle() -> None:
     assert (cfg.fit.label_smoothing, cfg.fit.batch_size) == (0.1, 120)
 
 
-def compose(overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.configcheck import CONF_DIR
-
-    compose_and_check(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 def test_default_recipe() -> None:
     # README: the recipe. Two convolutions a block of 8-32-64, one cosine decay after a half-epoch
     # warm-up over 13 epochs, label smoothing 0.1; 99.67% at seed 0 (README: the recipe).
-    cfg = compose([])
+    cfg = composed([])
     assert (list(cfg.model.filters), cfg.model.convs_per_block) == ([8, 32, 64], 2)
     assert (cfg.model.batch_norm, cfg.model.dropout, cfg.model.dense_units) == (True, 0.1, 128)
     assert (cfg.optimizer.name, cfg.optimizer.learning_rate) == ("adam", 0.01)
@@ -96,9 +79,9 @@ def test_default_recipe() -> None:
 def test_presets_keep_their_recipes_whatever_the_default() -> None:
     # The reference's twin and the tutorial are other people's recipes: the default's label
     # smoothing and depth must not leak into them.
-    cfg = compose(["experiment=keras_convnet"])
+    cfg = composed(["experiment=keras_convnet"])
     assert (list(cfg.model.filters), cfg.model.convs_per_block) == ([32, 64], 1)
     assert (cfg.optimizer.schedule, cfg.optimizer.learning_rate) == ("constant", 0.001)
     assert (cfg.fit.label_smoothing, cfg.optimizer.warmup_epochs) == (0.0, 0.0)
-    cfg = compose(["experiment=tutorial"])
+    cfg = composed(["experiment=tutorial"])
     assert (cfg.model.name, cfg.fit.label_smoothing) == ("mlp", 0.0)
