@@ -22,7 +22,7 @@ from pipeline.rundir import RunDir
 SAVED_MODEL_CLI = Path(sys.executable).with_name("saved_model_cli")
 # A small run that classifies well (about 96% on its 300 test images), with every export format
 # (TFLite included). Trained once per session and shared with test_predict.py.
-# Keras' plain Adam and no augmentation: the default recipe is tuned for 14 epochs of full MNIST.
+# Keras' plain Adam and no augmentation: the default recipe is tuned for 13 epochs of full MNIST.
 GOOD = [
     "data=sample",
     "data.train_size=3000",
