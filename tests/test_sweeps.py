@@ -107,6 +107,8 @@ def test_joblib_2x2_sweep_resumes_after_a_kill_and_skips_finished_runs(tmp_path:
 
 @pytest.mark.slow
 def test_submitit_local_sweep_resumes_after_a_kill(tmp_path: Path) -> None:
+    # TINY's 10 mlp steps end within ~0.1 s of the first checkpoint on a quick machine, before
+    # the kill lands; 40 epochs (a few seconds) keep fit running when it does.
     sweep = [
         "train",
         "-m",
@@ -115,13 +117,14 @@ def test_submitit_local_sweep_resumes_after_a_kill(tmp_path: Path) -> None:
         "hydra/launcher=submitit_local",
         "hydra.launcher.timeout_min=10",
         *TINY,
+        "fit.epochs=40",
     ]
     kill_after_first_checkpoint(start_group(sweep, tmp_path), tmp_path / "outputs")
     result = cli(sweep, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     found = runs(tmp_path)
     assert len(found) == 2
-    assert all(row["state"] == "done" and row["step"] == 10 for row in found.values())
+    assert all(row["state"] == "done" and row["step"] == 200 for row in found.values())
     assert any("Fit: resuming from step-" in text for text in logs(tmp_path / "outputs").values())
 
 
@@ -129,6 +132,9 @@ def test_submitit_local_sweep_resumes_after_a_kill(tmp_path: Path) -> None:
 def test_submitit_signal_saves_a_checkpoint_and_requeues(tmp_path: Path) -> None:
     # What Slurm does before the time limit (submitit's signal, USR2 unless
     # SUBMITIT_PREEMPT_SIGNAL says otherwise): the job saves a checkpoint, is requeued, resumes.
+    # 100 epochs of 5 mlp steps (a few seconds): with 3, fit ended ~0.08 s after the first
+    # checkpoint on a quick machine, so the signal landed between fit and evaluate (handled:
+    # "Interrupted before the evaluate stage", requeued) instead of inside fit, which this tests.
     sweep = [
         "train",
         "-m",
@@ -137,7 +143,7 @@ def test_submitit_signal_saves_a_checkpoint_and_requeues(tmp_path: Path) -> None
         "hydra/launcher=submitit_local",
         "hydra.launcher.timeout_min=10",
         *TINY,
-        "fit.epochs=3",
+        "fit.epochs=100",
         "checkpoint.every_steps=0",
     ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -159,7 +165,7 @@ def test_submitit_signal_saves_a_checkpoint_and_requeues(tmp_path: Path) -> None
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     (row,) = runs(tmp_path).values()
-    assert row["state"] == "done" and row["step"] == 15
+    assert row["state"] == "done" and row["step"] == 500
     text = (tmp_path / row["dir"] / "pipeline.log").read_text()
     assert "Interrupted: checkpoint saved at step" in text
     assert "Fit: resuming from step-" in text
