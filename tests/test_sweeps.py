@@ -107,8 +107,8 @@ def test_joblib_2x2_sweep_resumes_after_a_kill_and_skips_finished_runs(tmp_path:
 
 @pytest.mark.slow
 def test_submitit_local_sweep_resumes_after_a_kill(tmp_path: Path) -> None:
-    # TINY's 10 mlp steps end within ~0.1 s of the first checkpoint on a quick machine, before
-    # the kill lands; 40 epochs (a few seconds) keep fit running when it does.
+    # TINY's 10 mlp steps end a few tenths of a second after the first checkpoint (step 2) on a
+    # quick machine, close to the kill's own latency; 40 epochs (a few seconds) keep fit running.
     sweep = [
         "train",
         "-m",
